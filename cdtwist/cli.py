@@ -1,0 +1,109 @@
+# -*- test-case-name: tests.test_cli -*-
+"""The ``cdtwist`` command: configuration tools beside the twistd daemon.
+
+The daemon itself runs under twistd (``twistd -n cdtwist``); ``cdtwist run``
+is a shortcut for exactly that, so operators who know ``containerd`` find
+the same verbs here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+from cdtwist import SERVER_VERSION, revision
+
+
+def _registry():  # type: ignore[no-untyped-def]
+    from cdtwist.plugin import registry
+    from cdtwist.plugin.loader import load_builtin
+
+    load_builtin()
+    return registry
+
+
+def cmd_config_default(args: argparse.Namespace) -> int:
+    from cdtwist.config import default_toml
+
+    sys.stdout.write(default_toml(_registry()))
+    return 0
+
+
+def cmd_config_dump(args: argparse.Namespace) -> int:
+    from cdtwist.config import ConfigError, Overrides, dump_toml, load
+    from cdtwist.plugin import PluginError
+    from cdtwist.plugin.loader import load_entry_points, load_plugin_dir
+
+    try:
+        config = load(args.config, Overrides(address=args.address, root=args.root, state=args.state))
+        registry = _registry()
+        load_plugin_dir(config.plugin_dir)
+        load_entry_points()
+        text = dump_toml(config, registry)
+    except (ConfigError, PluginError) as e:
+        print(f"cdtwist: {e}", file=sys.stderr)
+        return 1
+    for warning in config.warnings:
+        print(f"cdtwist: warning: {warning}", file=sys.stderr)
+    sys.stdout.write(text)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    argv = ["twistd", "--nodaemon", "--pidfile=", "cdtwist"]
+    if args.config:
+        argv += ["--config", args.config]
+    for flag in ("address", "root", "state", "log_level"):
+        value = getattr(args, flag)
+        if value:
+            argv += [f"--{flag.replace('_', '-')}", value]
+    from twisted.scripts.twistd import run
+
+    sys.argv = argv
+    run()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cdtwist", description="containerd 1.6 compatible daemon on Twisted")
+    parser.add_argument(
+        "--version", "-v", action="version", version=f"cdtwist {SERVER_VERSION} {revision()}"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    config = sub.add_parser("config", help="information on the cdtwist config")
+    config_sub = config.add_subparsers(dest="config_command", metavar="COMMAND")
+    default = config_sub.add_parser("default", help="print the default cdtwist config")
+    default.set_defaults(func=cmd_config_default)
+    dump = config_sub.add_parser("dump", help="print the effective config: file, imports and flags")
+    _daemon_flags(dump)
+    dump.set_defaults(func=cmd_config_dump)
+
+    run = sub.add_parser("run", help="run the daemon in the foreground (twistd -n cdtwist)")
+    _daemon_flags(run)
+    run.add_argument("--log-level", "-l")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def _daemon_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", default=os.environ.get("CDTWIST_CONFIG"))
+    parser.add_argument("--address", "-a")
+    parser.add_argument("--root")
+    parser.add_argument("--state")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    return int(func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

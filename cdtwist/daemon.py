@@ -1,0 +1,265 @@
+# -*- test-case-name: tests.test_daemon -*-
+"""The root service: what containerd's ``main`` does around its plugins.
+
+``twistd`` calls ``startService`` before the reactor runs, so the real boot
+waits for ``callWhenRunning``; a fatal boot error is logged, what started
+is stopped in reverse, and the reactor stops with exit status 1 (a
+``sys.exit`` inside a reactor callback would be swallowed).
+
+Boot order: root/state dirs (0711) and the root lock, leftover temp mounts,
+OOM score, signals; then the children, one by one: the plugin tree in
+graph order, the gRPC server (it collects the plugins' servicers), the
+metrics endpoint; then ``READY=1``.  Stop runs the same list in reverse.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import time
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import sdnotify
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from cdtwist import SERVER_VERSION, revision
+from cdtwist.config import Config
+from cdtwist.grpc.server import GRPCServerService
+from cdtwist.log import LogController, dump_stacks, get_logger
+from cdtwist.metrics import MetricsService, new_registry
+from cdtwist.mounts import cleanup_temp_mounts
+from cdtwist.plugin import Registration
+from cdtwist.plugin.service import OrderedMultiService, PluginTree
+
+if TYPE_CHECKING:
+    from twisted.application.service import IServiceCollection
+
+log = get_logger(__name__)
+
+LOCK_FILE = "cdtwist.lock"
+IO_POOL_SIZE = 16
+
+
+class BootError(Exception):
+    """Boot cannot go on; the message is for the operator."""
+
+
+class Daemon(OrderedMultiService):
+    def __init__(
+        self,
+        config: Config,
+        ordered: list[Registration],
+        *,
+        decode_config: Callable[[Registration], Any],
+        log_controller: Optional[LogController] = None,
+        reload_config: Optional[Callable[[], Config]] = None,
+        reactor: Any = None,
+    ) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.reactor = reactor
+        self.config = config
+        self.log_controller = log_controller
+        self.reload_config = reload_config
+        self.io_pool = ThreadPool(minthreads=0, maxthreads=IO_POOL_SIZE, name="cdtwist-io")
+        self.exit_code = 0
+        self.booted = Deferred()  # fires when serving (tests, sd_notify)
+        self._lock_fd: Optional[int] = None
+        self._previous_signals: dict[int, Any] = {}
+        self._notifier = sdnotify.SystemdNotifier()
+        self.metrics_registry = new_registry()
+
+        self.tree = PluginTree(
+            ordered,
+            root=config.root,
+            state=config.state,
+            daemon_config=config,
+            decode_config=decode_config,
+            required=set(config.required_plugins),
+            reactor=reactor,
+            io_pool=self.io_pool,
+            address=config.grpc.address,
+            ttrpc_address=config.ttrpc.address,
+        )
+        self.tree.setServiceParent(self)
+        self.grpc = GRPCServerService(
+            config.grpc,
+            self.tree.instances,
+            reactor=reactor,
+            io_pool=self.io_pool,
+            metrics_registry=self.metrics_registry,
+            histogram=config.metrics.grpc_histogram,
+        )
+        self.grpc.setServiceParent(self)
+        if config.metrics.address:
+            MetricsService(config.metrics.address, self.metrics_registry, reactor).setServiceParent(self)
+
+    # -- twistd integration ------------------------------------------------
+
+    def setServiceParent(self, parent: IServiceCollection) -> None:  # noqa: N802
+        super().setServiceParent(parent)
+        # twistd starts its log observer after building the application and
+        # before starting it: handing ours over here makes every line,
+        # twistd's own included, come out in containerd's format.
+        set_component = getattr(parent, "setComponent", None)
+        if self.log_controller is not None and callable(set_component):
+            from twisted.logger import ILogObserver
+
+            set_component(ILogObserver, self.log_controller.observer)
+
+    def startService(self) -> None:  # noqa: N802
+        from twisted.application.service import Service
+
+        Service.startService(self)
+        self.reactor.addSystemEventTrigger("after", "shutdown", self._exit_if_failed)
+        self.reactor.callWhenRunning(lambda: ensureDeferred(self._boot()))
+
+    # -- boot --------------------------------------------------------------
+
+    async def _boot(self) -> None:
+        started = time.monotonic()
+        rev = revision()
+        log.info("starting cdtwist", version=SERVER_VERSION, revision=rev)
+        for warning in self.config.warnings:
+            log.warn("{warning}", warning=warning)
+        self.io_pool.start()
+        self.tree.revision = rev
+        try:
+            await deferToThreadPool(self.reactor, self.io_pool, self._prepare)
+            self._install_signals()
+            await self._start_all()
+        except Exception as e:
+            await self._fail_boot(e)
+            return
+        self._notifier.notify("READY=1")
+        log.info(f"cdtwist successfully booted in {time.monotonic() - started:f}s")
+        self.booted.callback(None)
+
+    async def _fail_boot(self, err: Exception) -> None:
+        log.critical("failed to boot: {error}", error=str(err) or type(err).__name__)
+        if not isinstance(err, BootError) and not getattr(err, "expected", False):
+            log.failure("boot failure", failure=None)
+        self.exit_code = 1
+        await self._stop_all()
+        self._release()
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def _prepare(self) -> None:
+        """Blocking: dirs, the single-daemon lock, leftover temp mounts, OOM score."""
+        cfg = self.config
+        for path in (cfg.root, cfg.state):
+            os.makedirs(path, 0o711, exist_ok=True)
+            os.chmod(path, 0o711)
+        self._lock_root()
+        if cfg.temp:
+            os.makedirs(cfg.temp, 0o711, exist_ok=True)
+        for mountpoint in cleanup_temp_mounts(os.path.join(cfg.root, "tmpmounts")):
+            log.info("unmounted leftover temp mount", mountpoint=mountpoint)
+        if cfg.oom_score:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write(str(cfg.oom_score))
+
+    def _lock_root(self) -> None:
+        path = os.path.join(self.config.root, LOCK_FILE)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise BootError(
+                f"root {self.config.root} is in use by another daemon (pid {holder}); "
+                "only one daemon may use a root at a time"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- signals -----------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        handlers = {
+            signal.SIGHUP: lambda *_: self.reactor.callFromThread(self.reload),
+            signal.SIGUSR1: lambda *_: self.reactor.callFromThread(self.dump_stacks),
+            signal.SIGPIPE: signal.SIG_IGN,
+        }
+        for signum, handler in handlers.items():
+            self._previous_signals[signum] = signal.signal(signum, handler)
+
+    def _restore_signals(self) -> None:
+        for signum, previous in self._previous_signals.items():
+            signal.signal(signum, previous)
+        self._previous_signals.clear()
+
+    def dump_stacks(self) -> None:
+        log.info("=== BEGIN thread stack dump ===\n{stacks}\n=== END thread stack dump ===", stacks=dump_stacks())
+
+    def reload(self) -> Deferred[None]:
+        """SIGHUP: re-read the config; apply the log level and reloadable plugins."""
+        return ensureDeferred(self._reload())
+
+    async def _reload(self) -> None:
+        if self.reload_config is None:
+            return
+        log.info("reloading configuration")
+        try:
+            config = await deferToThreadPool(self.reactor, self.io_pool, self.reload_config)
+        except Exception as e:
+            log.error("reload failed, keeping the running configuration: {error}", error=str(e))
+            return
+        if self.log_controller is not None and config.debug.level:
+            self.log_controller.set_level(config.debug.level)
+        for plugin in self.tree.plugins.all():
+            reg = plugin.registration
+            if not reg.reloadable or plugin.error is not None:
+                continue
+            try:
+                await maybe_deferred(plugin.instance.reload, config.plugin_config(reg))
+                log.info("reloaded plugin", id=reg.uri)
+            except Exception:
+                log.failure("reloading plugin {id}", id=reg.uri)
+        self.config = config
+
+    # -- stop --------------------------------------------------------------
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802
+        from twisted.application.service import Service
+
+        Service.stopService(self)
+        return ensureDeferred(self._shutdown())
+
+    async def _shutdown(self) -> None:
+        self._notifier.notify("STOPPING=1")
+        log.info("stopping cdtwist")
+        await self._stop_all()
+        self._restore_signals()
+        self._release()
+        if self.io_pool.started:
+            self.io_pool.stop()
+        log.info("cdtwist stopped")
+
+    def _exit_if_failed(self) -> None:
+        if self.exit_code:
+            import sys
+
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os._exit(self.exit_code)
+
+
+def maybe_deferred(fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    from twisted.internet.defer import maybeDeferred
+
+    return maybeDeferred(fn, *args)

@@ -1,0 +1,60 @@
+# -*- test-case-name: tests.test_endpoints -*-
+"""The one place that turns a configured address into a Twisted endpoint.
+
+containerd writes a socket path (``/run/x.sock``) or ``host:port``; cdtwist
+also accepts any Twisted server endpoint string (``unix:…``, ``tcp:…``,
+``ssl:…`` or a plugin's prefix).  Everything that listens goes through here.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from cdtwist.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IStreamServerEndpoint
+
+_ENDPOINT_PREFIX = re.compile(r"^[a-zA-Z][a-zA-Z0-9_-]*:")
+_HOST_PORT = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:]*)):(?P<port>\d+)$")
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+def is_unix_path(address: str) -> bool:
+    return address.startswith("/") or address.startswith("./")
+
+
+def server_description(address: str, *, unix_mode: int = 0o660) -> str:
+    """A Twisted server endpoint description for a configured address."""
+    if not address:
+        raise InvalidArgument("empty address")
+    if is_unix_path(address):
+        return f"unix:{_escape(address)}:mode={unix_mode:o}"
+    match = _HOST_PORT.match(address)
+    if match:
+        host = match.group("v6") or match.group("host") or ""
+        port = match.group("port")
+        return f"tcp:{port}:interface={_escape(host)}" if host else f"tcp:{port}"
+    if _ENDPOINT_PREFIX.match(address):
+        return address
+    raise InvalidArgument(f"address {address!r} is neither a socket path, host:port, nor an endpoint string")
+
+
+def server_endpoint(reactor: object, address: str, *, unix_mode: int = 0o660) -> IStreamServerEndpoint:
+    from twisted.internet.endpoints import serverFromString
+
+    return serverFromString(reactor, server_description(address, unix_mode=unix_mode))
+
+
+def unix_path(address: str) -> str | None:
+    """The socket file behind an address, if it is a UNIX socket (for cleanup)."""
+    if is_unix_path(address):
+        return address
+    if address.startswith("unix:"):
+        raw = re.split(r"(?<!\\):", address[len("unix:"):], maxsplit=1)[0]
+        return raw.replace("\\:", ":").replace("\\=", "=").replace("\\\\", "\\")
+    return None

@@ -1,0 +1,1 @@
+"""The event exchange and its gRPC/ttrpc service."""

@@ -1,0 +1,1 @@
+"""The gRPC face of cdtwist: grpcio in its own thread pool."""

@@ -1,0 +1,58 @@
+# -*- test-case-name: tests.test_grpc_server -*-
+"""Per-call facts that containerd carries in its Go context: namespace, lease."""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import grpc
+
+from cdtwist.errors import FailedPrecondition, InvalidArgument
+
+NAMESPACE_HEADER = "containerd-namespace"
+LEASE_HEADER = "containerd-lease"
+
+_MAX_IDENTIFIER = 76
+_IDENTIFIER = re.compile(r"^[A-Za-z0-9]+(?:[._-](?:[A-Za-z0-9]+))*$")
+
+
+def validate_identifier(value: str) -> None:
+    """containerd's ``identifiers.Validate``, with its messages."""
+    if not value:
+        raise InvalidArgument("identifier must not be empty")
+    if len(value) > _MAX_IDENTIFIER:
+        raise InvalidArgument(
+            f'identifier "{value}" greater than maximum length ({_MAX_IDENTIFIER} characters)'
+        )
+    if not _IDENTIFIER.match(value):
+        raise InvalidArgument(
+            f'identifier "{value}" must match ^[A-Za-z0-9]+(?:[._-](?:[A-Za-z0-9]+))*$'
+        )
+
+
+def header(context: grpc.ServicerContext, key: str) -> Optional[str]:
+    for k, v in context.invocation_metadata() or ():
+        if k == key:
+            return v if isinstance(v, str) else v.decode()
+    return None
+
+
+def namespace(context: grpc.ServicerContext) -> Optional[str]:
+    return header(context, NAMESPACE_HEADER)
+
+
+def namespace_required(context: grpc.ServicerContext) -> str:
+    """The call's namespace, validated (``namespaces.NamespaceRequired``)."""
+    ns = namespace(context)
+    if not ns:
+        raise FailedPrecondition("namespace is required")
+    try:
+        validate_identifier(ns)
+    except InvalidArgument as e:
+        raise InvalidArgument(f"namespace validation: {e.context}") from None
+    return ns
+
+
+def lease(context: grpc.ServicerContext) -> Optional[str]:
+    return header(context, LEASE_HEADER)

@@ -1,0 +1,229 @@
+# -*- test-case-name: tests.test_grpc_server -*-
+"""Shared per-call work done once for every servicer: errors and metrics.
+
+Servicers raise :class:`cdtwist.errors.CdtwistError` subclasses; this layer
+turns them into the status codes containerd sends (``errdefs.ToGRPC``), so
+no handler formats a status itself.  Metrics follow go-grpc-prometheus,
+which containerd uses, so the same dashboards work.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from cdtwist.errors import CdtwistError, to_grpc_code
+from cdtwist.log import get_logger
+
+log = get_logger(__name__)
+
+
+class GRPCMetrics:
+    """go-grpc-prometheus's server metrics, same names and labels."""
+
+    def __init__(self, registry: CollectorRegistry, histogram: bool) -> None:
+        labels = ["grpc_type", "grpc_service", "grpc_method"]
+        self.started = Counter(
+            "grpc_server_started_total",
+            "Total number of RPCs started on the server.",
+            labels,
+            registry=registry,
+        )
+        self.handled = Counter(
+            "grpc_server_handled_total",
+            "Total number of RPCs completed on the server, regardless of success or failure.",
+            labels + ["grpc_code"],
+            registry=registry,
+        )
+        self.received = Counter(
+            "grpc_server_msg_received_total",
+            "Total number of RPC stream messages received on the server.",
+            labels,
+            registry=registry,
+        )
+        self.sent = Counter(
+            "grpc_server_msg_sent_total",
+            "Total number of gRPC stream messages sent by the server.",
+            labels,
+            registry=registry,
+        )
+        self.seconds: Optional[Histogram] = None
+        if histogram:
+            self.seconds = Histogram(
+                "grpc_server_handling_seconds",
+                "Histogram of response latency (seconds) of gRPC that had been application-level "
+                "handled by the server.",
+                labels,
+                buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+                registry=registry,
+            )
+
+
+def _split(method: str) -> tuple[str, str]:
+    service, _, name = method.lstrip("/").rpartition("/")
+    return service, name
+
+
+def _rpc_type(handler: grpc.RpcMethodHandler) -> str:
+    if handler.request_streaming and handler.response_streaming:
+        return "bidi_stream"
+    if handler.request_streaming:
+        return "client_stream"
+    if handler.response_streaming:
+        return "server_stream"
+    return "unary"
+
+
+class _Call:
+    """Bookkeeping for one RPC: labels, timing, outcome."""
+
+    def __init__(self, metrics: Optional[GRPCMetrics], labels: tuple[str, str, str]) -> None:
+        self.metrics = metrics
+        self.labels = labels
+        self.start = time.monotonic()
+        if metrics:
+            metrics.started.labels(*labels).inc()
+
+    def received(self) -> None:
+        if self.metrics:
+            self.metrics.received.labels(*self.labels).inc()
+
+    def sent(self) -> None:
+        if self.metrics:
+            self.metrics.sent.labels(*self.labels).inc()
+
+    def done(self, code: grpc.StatusCode) -> None:
+        if not self.metrics:
+            return
+        self.metrics.handled.labels(*self.labels, _code_name(code)).inc()
+        if self.metrics.seconds is not None:
+            self.metrics.seconds.labels(*self.labels).observe(time.monotonic() - self.start)
+
+
+def _code_name(code: grpc.StatusCode) -> str:
+    # Go names: OK, NotFound, InvalidArgument ...
+    return "".join(part.capitalize() for part in code.name.split("_")) if code.name != "OK" else "OK"
+
+
+def _fail(context: grpc.ServicerContext, err: BaseException, method: str) -> grpc.StatusCode:
+    """Abort the call with containerd's code for ``err``; never returns normally."""
+    if isinstance(err, CdtwistError):
+        code = err.code
+        message = err.message
+    else:
+        code = to_grpc_code(err)
+        message = str(err) or type(err).__name__
+        if code == grpc.StatusCode.UNKNOWN:
+            log.failure("{method} failed", failure=None, method=method)
+    context.abort(code, message)
+    raise AssertionError("unreachable: abort raises")
+
+
+def _status_of(context: grpc.ServicerContext) -> grpc.StatusCode:
+    code = context.code() if hasattr(context, "code") else None
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
+
+
+class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
+    """Wraps every handler: maps cdtwist errors to status codes, counts calls."""
+
+    def __init__(self, metrics: Optional[GRPCMetrics] = None) -> None:
+        self.metrics = metrics
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Optional[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Optional[grpc.RpcMethodHandler]:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        service, name = _split(method)
+        labels = (_rpc_type(handler), service, name)
+        metrics = self.metrics
+
+        def counted_requests(requests: Iterator[Any], call: _Call) -> Iterator[Any]:
+            for request in requests:
+                call.received()
+                yield request
+
+        def run_unary(behavior: Callable[..., Any], request: Any, context: grpc.ServicerContext) -> Any:
+            call = _Call(metrics, labels)
+            if not handler.request_streaming:
+                call.received()
+            else:
+                request = counted_requests(request, call)
+            try:
+                response = behavior(request, context)
+            except Exception as e:
+                if _is_abort(e, context):
+                    call.done(_status_of(context))
+                    raise
+                code = _code_for(e)
+                call.done(code)
+                _fail(context, e, method)
+            call.sent()
+            call.done(_status_of(context))
+            return response
+
+        def run_stream(
+            behavior: Callable[..., Iterator[Any]], request: Any, context: grpc.ServicerContext
+        ) -> Iterator[Any]:
+            call = _Call(metrics, labels)
+            if not handler.request_streaming:
+                call.received()
+            else:
+                request = counted_requests(request, call)
+            try:
+                for response in behavior(request, context):
+                    call.sent()
+                    yield response
+            except Exception as e:
+                if _is_abort(e, context):
+                    call.done(_status_of(context))
+                    raise
+                call.done(_code_for(e))
+                _fail(context, e, method)
+            call.done(_status_of(context))
+
+        if handler.unary_unary:
+            inner = handler.unary_unary
+            return grpc.unary_unary_rpc_method_handler(
+                lambda req, ctx: run_unary(inner, req, ctx),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.stream_unary:
+            inner = handler.stream_unary
+            return grpc.stream_unary_rpc_method_handler(
+                lambda req, ctx: run_unary(inner, req, ctx),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.unary_stream:
+            inner = handler.unary_stream
+            return grpc.unary_stream_rpc_method_handler(
+                lambda req, ctx: run_stream(inner, req, ctx),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        inner = handler.stream_stream
+        return grpc.stream_stream_rpc_method_handler(
+            lambda req, ctx: run_stream(inner, req, ctx),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+
+
+def _code_for(err: BaseException) -> grpc.StatusCode:
+    return err.code if isinstance(err, CdtwistError) else to_grpc_code(err)
+
+
+def _is_abort(err: BaseException, context: grpc.ServicerContext) -> bool:
+    """grpcio signals ``context.abort`` with a bare Exception after setting the code."""
+    code = context.code() if hasattr(context, "code") else None
+    return type(err) is Exception and isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.OK

@@ -1,0 +1,151 @@
+# -*- test-case-name: tests.test_grpc_server -*-
+"""grpcio serving the plugins' servicers from its own thread pool.
+
+grpcio owns its sockets and threads, so this service only prepares the
+socket path, builds the server after the daemon has forked (never in
+``makeService``), and shuts it down with a grace period while the reactor
+is still running.  Servicers are collected after every plugin has
+initialised, as containerd's ``server.New`` does.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import grpc
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.threads import deferToThreadPool
+
+from cdtwist.grpc.interceptors import ErrorAndMetricsInterceptor, GRPCMetrics
+from cdtwist.log import get_logger
+from cdtwist.sockets import prepare_unix_path, remove_socket, secure_socket
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from twisted.internet.interfaces import IReactorCore
+    from twisted.python.threadpool import ThreadPool
+
+log = get_logger(__name__)
+
+#: Long-lived calls (event subscriptions, task waits) each hold a worker;
+#: the cap on concurrent RPCs answers RESOURCE_EXHAUSTED past it instead of
+#: queueing silently.
+DEFAULT_WORKERS = 128
+DEFAULT_MAX_CONCURRENT = 1024
+STOP_GRACE = 1.5
+
+
+class GRPCServerService(Service):
+    name = "grpc"
+
+    def __init__(
+        self,
+        grpc_config: Any,
+        servicers: Callable[[], list[Any]],
+        *,
+        reactor: IReactorCore,
+        io_pool: ThreadPool,
+        metrics_registry: Optional[CollectorRegistry] = None,
+        histogram: bool = False,
+        workers: int = DEFAULT_WORKERS,
+    ) -> None:
+        self.config = grpc_config
+        self.servicers = servicers
+        self.reactor = reactor
+        self.io_pool = io_pool
+        self.metrics = GRPCMetrics(metrics_registry, histogram) if metrics_registry else None
+        self.workers = workers
+        self.server: Optional[grpc.Server] = None
+        self.tcp_server: Optional[grpc.Server] = None
+        self.executor: Optional[ThreadPoolExecutor] = None
+        self.address: str = grpc_config.address
+        self.tcp_port: Optional[int] = None
+
+    def _options(self) -> list[tuple[str, Any]]:
+        opts: list[tuple[str, Any]] = [("grpc.so_reuseport", 0)]
+        if self.config.max_recv_message_size > 0:
+            opts.append(("grpc.max_receive_message_length", self.config.max_recv_message_size))
+        if self.config.max_send_message_size > 0:
+            opts.append(("grpc.max_send_message_length", self.config.max_send_message_size))
+        return opts
+
+    def _new_server(self) -> grpc.Server:
+        assert self.executor is not None
+        return grpc.server(
+            self.executor,
+            interceptors=[ErrorAndMetricsInterceptor(self.metrics)],
+            options=self._options(),
+            maximum_concurrent_rpcs=DEFAULT_MAX_CONCURRENT,
+        )
+
+    def _start_blocking(self) -> None:
+        cfg = self.config
+        prepare_unix_path(self.address, cfg.uid, cfg.gid)
+        self.executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="cdtwist-grpc")
+        server = self._new_server()
+        instances = self.servicers()
+        for instance in instances:
+            register = getattr(instance, "register_grpc", None)
+            if callable(register):
+                register(server)
+        if server.add_insecure_port("unix:" + self.address) == 0:
+            raise OSError(f"failed to listen on {self.address}")
+        secure_socket(self.address, cfg.uid, cfg.gid)
+        server.start()
+        self.server = server
+        if cfg.tcp_address:
+            tcp = self._new_server()
+            for instance in instances:
+                register = getattr(instance, "register_tcp", None)
+                if callable(register):
+                    register(tcp)
+            self.tcp_port = tcp.add_secure_port(cfg.tcp_address, self._tls()) if cfg.tcp_tls_cert else (
+                tcp.add_insecure_port(cfg.tcp_address)
+            )
+            if not self.tcp_port:
+                raise OSError(f"failed to listen on tcp {cfg.tcp_address}")
+            tcp.start()
+            self.tcp_server = tcp
+
+    def _tls(self) -> grpc.ServerCredentials:
+        cfg = self.config
+        with open(cfg.tcp_tls_key, "rb") as f:
+            key = f.read()
+        with open(cfg.tcp_tls_cert, "rb") as f:
+            cert = f.read()
+        ca = None
+        if cfg.tcp_tls_ca:
+            with open(cfg.tcp_tls_ca, "rb") as f:
+                ca = f.read()
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=bool(ca))
+
+    def startService(self) -> Deferred[None]:  # noqa: N802
+        Service.startService(self)
+        return ensureDeferred(self._start())
+
+    async def _start(self) -> None:
+        try:
+            await deferToThreadPool(self.reactor, self.io_pool, self._start_blocking)
+        except BaseException:
+            await deferToThreadPool(self.reactor, self.io_pool, self._stop_blocking)
+            raise
+        log.info("serving...", address=self.address)
+        if self.tcp_server is not None:
+            log.info("serving...", address=self.config.tcp_address)
+
+    def _stop_blocking(self) -> None:
+        # Stop both first so their grace periods run side by side.
+        events = [s.stop(STOP_GRACE) for s in (self.server, self.tcp_server) if s is not None]
+        for event in events:
+            event.wait(STOP_GRACE + 1)
+        self.server = self.tcp_server = None
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.executor = None
+        remove_socket(self.address)
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802
+        Service.stopService(self)
+        return deferToThreadPool(self.reactor, self.io_pool, self._stop_blocking)

@@ -1,0 +1,1 @@
+"""Standard gRPC health checking."""

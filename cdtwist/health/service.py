@@ -1,0 +1,34 @@
+# -*- test-case-name: tests.test_core_services -*-
+"""``grpc.health.v1.Health`` as containerd's ``healthcheck`` plugin."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+
+from cdtwist.plugin import GRPC, Registration, register
+
+if TYPE_CHECKING:
+    from cdtwist.plugin.context import InitContext
+
+
+class HealthPlugin:
+    def __init__(self) -> None:
+        # The overall ("") status is SERVING from the start: the socket only
+        # exists once every plugin is up, as with containerd.
+        self.servicer = health.HealthServicer()
+
+    def register_grpc(self, server: grpc.Server) -> None:
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+
+    def stop(self) -> None:
+        self.servicer.enter_graceful_shutdown()
+
+
+def _init(ic: InitContext) -> HealthPlugin:
+    return HealthPlugin()
+
+
+register(Registration(type=GRPC, id="healthcheck", init=_init))

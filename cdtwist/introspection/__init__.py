@@ -1,0 +1,1 @@
+"""Introspection: what plugins loaded, and this server's identity."""

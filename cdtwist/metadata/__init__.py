@@ -1,0 +1,1 @@
+"""The metadata database: what containerd keeps in bolt, kept in sqlite."""

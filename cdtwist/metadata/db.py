@@ -1,0 +1,148 @@
+# -*- test-case-name: tests.test_metadata -*-
+"""An embedded transactional store in the role of containerd's bolt DB.
+
+sqlite in WAL mode: readers never wait for the writer, one writer at a
+time (a lock in front of ``BEGIN IMMEDIATE``, as bolt has one writer), and
+``synchronous=FULL`` so a committed transaction survives ``kill -9`` and
+power loss.  Every call blocks: use it from pool threads, never the
+reactor.  The schema is versioned with ``PRAGMA user_version``; each
+migration runs once, in its own transaction.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from typing import Callable, Optional, TypeVar
+
+from cdtwist.log import get_logger
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+
+#: Migrations in order; index + 1 is the schema version they bring.
+#: Never edit a released entry: append a new one.
+MIGRATIONS: list[str] = [
+    # 1: namespaces and their labels (``v1/<namespace>/labels`` in bolt).
+    """
+    CREATE TABLE namespaces (
+        name TEXT PRIMARY KEY
+    ) WITHOUT ROWID;
+    CREATE TABLE namespace_labels (
+        namespace TEXT NOT NULL REFERENCES namespaces(name) ON DELETE CASCADE,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (namespace, key)
+    ) WITHOUT ROWID;
+    """,
+]
+
+
+class DatabaseError(Exception):
+    pass
+
+
+class DB:
+    """One database file; a connection per thread, one writer at a time."""
+
+    def __init__(self, path: str, busy_timeout: float = 30.0) -> None:
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._closed = False
+        self._commit_hooks: list[Callable[[], None]] = []
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def open(self) -> int:
+        """Create or migrate the schema; returns the schema version."""
+        os.makedirs(os.path.dirname(self.path) or ".", 0o711, exist_ok=True)
+        conn = self._connection()
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise DatabaseError(f"{self.path}: cannot use WAL journal (got {mode})")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise DatabaseError(
+                f"{self.path}: schema version {version} is newer than this cdtwist knows ({len(MIGRATIONS)})"
+            )
+        for number in range(version + 1, len(MIGRATIONS) + 1):
+            with self._write_lock:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in _statements(MIGRATIONS[number - 1]):
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {number}")
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+            log.info("migrated metadata schema", path=self.path, version=number)
+        return len(MIGRATIONS)
+
+    def close(self) -> None:
+        self._closed = True
+        with self._connections_lock:
+            conns, self._connections = self._connections, []
+        for conn in conns:
+            try:
+                conn.close()
+            except sqlite3.ProgrammingError:
+                pass
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._closed:
+            raise DatabaseError(f"{self.path}: database is closed")
+        conn: Optional[sqlite3.Connection] = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self.busy_timeout,
+                isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+                check_same_thread=False,  # only so close() may run elsewhere
+            )
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+            with self._connections_lock:
+                self._connections.append(conn)
+        return conn
+
+    # -- transactions ------------------------------------------------------
+
+    def view(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in a read transaction: a consistent snapshot."""
+        conn = self._connection()
+        conn.execute("BEGIN")
+        try:
+            return fn(conn)
+        finally:
+            conn.execute("COMMIT")
+
+    def update(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in the write transaction; any exception rolls it back."""
+        conn = self._connection()
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        for hook in list(self._commit_hooks):
+            hook()
+        return result
+
+    def on_commit(self, hook: Callable[[], None]) -> None:
+        """Called after every committed update (the GC's mutation signal)."""
+        self._commit_hooks.append(hook)
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]

@@ -1,0 +1,1 @@
+"""Namespaces: the tenant boundary every other object lives in."""

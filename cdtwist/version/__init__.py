@@ -1,0 +1,1 @@
+"""The Version service."""
