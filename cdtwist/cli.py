@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from cdtwist import SERVER_VERSION, revision
 
@@ -95,7 +95,7 @@ def _daemon_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)

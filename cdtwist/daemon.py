@@ -18,7 +18,8 @@ import fcntl
 import os
 import signal
 import time
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import sdnotify
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -28,7 +29,7 @@ from twisted.python.threadpool import ThreadPool
 from cdtwist import SERVER_VERSION, revision
 from cdtwist.config import Config
 from cdtwist.grpc.server import GRPCServerService
-from cdtwist.log import LogController, dump_stacks, get_logger
+from cdtwist.log import LogObserver, dump_stacks, get_logger
 from cdtwist.metrics import MetricsService, new_registry
 from cdtwist.mounts import cleanup_temp_mounts
 from cdtwist.plugin import Registration
@@ -54,8 +55,8 @@ class Daemon(OrderedMultiService):
         ordered: list[Registration],
         *,
         decode_config: Callable[[Registration], Any],
-        log_controller: Optional[LogController] = None,
-        reload_config: Optional[Callable[[], Config]] = None,
+        log_observer: LogObserver | None = None,
+        reload_config: Callable[[], Config] | None = None,
         reactor: Any = None,
     ) -> None:
         super().__init__()
@@ -65,12 +66,12 @@ class Daemon(OrderedMultiService):
             reactor = default_reactor
         self.reactor = reactor
         self.config = config
-        self.log_controller = log_controller
+        self.log_observer = log_observer
         self.reload_config = reload_config
         self.io_pool = ThreadPool(minthreads=0, maxthreads=IO_POOL_SIZE, name="cdtwist-io")
         self.exit_code = 0
         self.booted = Deferred()  # fires when serving (tests, sd_notify)
-        self._lock_fd: Optional[int] = None
+        self._lock_fd: int | None = None
         self._previous_signals: dict[int, Any] = {}
         self._notifier = sdnotify.SystemdNotifier()
         self.metrics_registry = new_registry()
@@ -81,7 +82,7 @@ class Daemon(OrderedMultiService):
             state=config.state,
             daemon_config=config,
             decode_config=decode_config,
-            required=set(config.required_plugins),
+            required={reg.uri for reg in ordered if config.is_required(reg)} | _unknown_required(config, ordered),
             reactor=reactor,
             io_pool=self.io_pool,
             address=config.grpc.address,
@@ -108,10 +109,10 @@ class Daemon(OrderedMultiService):
         # before starting it: handing ours over here makes every line,
         # twistd's own included, come out in containerd's format.
         set_component = getattr(parent, "setComponent", None)
-        if self.log_controller is not None and callable(set_component):
+        if self.log_observer is not None and callable(set_component):
             from twisted.logger import ILogObserver
 
-            set_component(ILogObserver, self.log_controller.observer)
+            set_component(ILogObserver, self.log_observer)
 
     def startService(self) -> None:  # noqa: N802
         from twisted.application.service import Service
@@ -142,7 +143,7 @@ class Daemon(OrderedMultiService):
         self.booted.callback(None)
 
     async def _fail_boot(self, err: Exception) -> None:
-        log.critical("failed to boot: {error}", error=str(err) or type(err).__name__)
+        log.fatal("failed to boot: {error}", error=str(err) or type(err).__name__)
         if not isinstance(err, BootError) and not getattr(err, "expected", False):
             log.failure("boot failure", failure=None)
         self.exit_code = 1
@@ -203,8 +204,20 @@ class Daemon(OrderedMultiService):
             signal.signal(signum, previous)
         self._previous_signals.clear()
 
-    def dump_stacks(self) -> None:
-        log.info("=== BEGIN thread stack dump ===\n{stacks}\n=== END thread stack dump ===", stacks=dump_stacks())
+    def dump_stacks(self) -> Deferred[None]:
+        """SIGUSR1: every thread's stack to the log and to a file, as containerd does."""
+        stacks = dump_stacks()
+        log.info("=== BEGIN goroutine stack dump ===\n{stacks}\n=== END goroutine stack dump ===", stacks=stacks)
+        path = os.path.join(self.config.temp or "/tmp", f"cdtwist.{os.getpid()}.stacks.log")
+
+        def write() -> None:
+            with open(path, "w") as f:
+                f.write(stacks)
+
+        d = deferToThreadPool(self.reactor, self.io_pool, write)
+        d.addCallback(lambda _: log.info("goroutine stack dump written to {path}", path=path))
+        d.addErrback(lambda f: log.failure("writing stack dump", f))
+        return d
 
     def reload(self) -> Deferred[None]:
         """SIGHUP: re-read the config; apply the log level and reloadable plugins."""
@@ -219,8 +232,8 @@ class Daemon(OrderedMultiService):
         except Exception as e:
             log.error("reload failed, keeping the running configuration: {error}", error=str(e))
             return
-        if self.log_controller is not None and config.debug.level:
-            self.log_controller.set_level(config.debug.level)
+        if self.log_observer is not None and config.debug.level:
+            self.log_observer.set_level(config.debug.level)
         for plugin in self.tree.plugins.all():
             reg = plugin.registration
             if not reg.reloadable or plugin.error is not None:
@@ -263,3 +276,9 @@ def maybe_deferred(fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
     from twisted.internet.defer import maybeDeferred
 
     return maybeDeferred(fn, *args)
+
+
+def _unknown_required(config: Config, ordered: list[Registration]) -> set[str]:
+    """Required names that match no enabled plugin: boot must fail naming them."""
+    matched = {config.section_key(reg) for reg in ordered}
+    return {name for name in config.required_plugins if name not in matched}

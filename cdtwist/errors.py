@@ -9,8 +9,6 @@ and :func:`to_grpc_code` is the one place that maps classes to codes
 
 from __future__ import annotations
 
-from typing import Optional
-
 import grpc
 
 
@@ -24,7 +22,7 @@ class CdtwistError(Exception):
     text = ""
     code = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, context: Optional[str] = None) -> None:
+    def __init__(self, context: str | None = None) -> None:
         self.context = context
         super().__init__(self.message)
 
@@ -108,7 +106,7 @@ def from_grpc_code(code: grpc.StatusCode, message: str) -> CdtwistError:
     """Rebuild the error class from a status received from a peer (``errdefs.FromGRPC``)."""
     cls = _BY_CODE.get(code, CdtwistError)
     suffix = ": " + cls.text
-    context: Optional[str] = message
+    context: str | None = message
     if message == cls.text:
         context = None
     elif message.endswith(suffix):

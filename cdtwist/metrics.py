@@ -7,7 +7,7 @@ resource renders in a thread), so scraping never touches the gRPC pool.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from twisted.application.service import Service
@@ -39,7 +39,7 @@ class MetricsService(Service):
         self.address = address
         self.registry = registry
         self.reactor = reactor
-        self.port: Optional[IListeningPort] = None
+        self.port: IListeningPort | None = None
 
     def startService(self) -> Deferred[None]:  # noqa: N802
         Service.startService(self)

@@ -9,14 +9,13 @@ and builds the service tree.  No sockets, threads or grpc objects here.
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 from twisted.python import usage
 
 from cdtwist import SERVER_VERSION
 from cdtwist.config import Config, ConfigError, Overrides, load
 from cdtwist.daemon import Daemon
-from cdtwist.log import LogController, parse_level
+from cdtwist.log import make_observer, parse_level
 from cdtwist.plugin import PluginError, Registration, registry
 from cdtwist.plugin.graph import graph
 from cdtwist.plugin.loader import load_builtin, load_entry_points, load_plugin_dir
@@ -67,9 +66,7 @@ def makeService(options: Options) -> Daemon:  # noqa: N802 - twistd's name
     try:
         config = load_config(options)
         ordered = load_registrations(config)
-        config.warnings.extend(
-            f"unknown plugin section {name!r} ignored" for name in config.unknown_plugin_sections(registry)
-        )
+        config.warnings.extend(config.plugin_section_warnings(registry))
         # Decode every plugin's section now so a bad value stops boot here,
         # with the file and key named, before anything starts.
         for reg in ordered:
@@ -79,7 +76,8 @@ def makeService(options: Options) -> Daemon:  # noqa: N802 - twistd's name
         raise SystemExit(1) from None
     level = config.debug.level or "info"
     log_format = options["log-format"] or config.debug.format or "text"
-    controller = LogController(sys.stdout, log_format, level)
+    # containerd logs to stderr; capture it before twistd redirects stdio into the log.
+    log_observer = make_observer(sys.__stderr__, log_format, level)
 
     def reload_config() -> Config:
         return load_config(options)
@@ -88,7 +86,7 @@ def makeService(options: Options) -> Daemon:  # noqa: N802 - twistd's name
         config,
         ordered,
         decode_config=config.plugin_config,
-        log_controller=controller,
+        log_observer=log_observer,
         reload_config=reload_config,
     )
     return daemon

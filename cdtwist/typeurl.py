@@ -8,8 +8,6 @@ prefix Python's ``Any.Pack`` would add; clients look types up by that name.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from google.protobuf import any_pb2, symbol_database
 from google.protobuf.message import Message
 
@@ -39,7 +37,7 @@ def _load_known_types() -> None:
 _load_known_types()
 
 
-def message_class(url: str) -> Optional[type[Message]]:
+def message_class(url: str) -> type[Message] | None:
     name = url.rsplit("/", 1)[-1]
     try:
         return symbol_database.Default().GetSymbol(name)  # type: ignore[no-any-return]

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import TYPE_CHECKING, Optional, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import Message
@@ -125,7 +126,7 @@ class Subscription:
         self.exchange = exchange
         self.filter = filter_
         self._queue: queue.Queue[object] = queue.Queue(SUBSCRIBER_QUEUE_LIMIT)
-        self.error: Optional[CdtwistError] = None
+        self.error: CdtwistError | None = None
         self.closed = False
 
     def _deliver(self, envelope: Envelope) -> None:
@@ -136,7 +137,7 @@ class Subscription:
             log.warn("event subscriber overflowed; closing it")
             self.close()
 
-    def get(self, timeout: float) -> Optional[Envelope]:
+    def get(self, timeout: float) -> Envelope | None:
         """The next matching envelope, or None after ``timeout`` seconds.
 
         Raises StopIteration once the subscription is closed.
@@ -175,7 +176,7 @@ class Exchange:
 
     # -- publishing (any thread) -------------------------------------------
 
-    def publish(self, namespace: Optional[str], topic: str, event: Message) -> Envelope:
+    def publish(self, namespace: str | None, topic: str, event: Message) -> Envelope:
         if not namespace:
             raise FailedPrecondition("failed publishing event: namespace is required")
         try:

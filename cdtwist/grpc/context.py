@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 import grpc
 
@@ -31,14 +30,14 @@ def validate_identifier(value: str) -> None:
         )
 
 
-def header(context: grpc.ServicerContext, key: str) -> Optional[str]:
+def header(context: grpc.ServicerContext, key: str) -> str | None:
     for k, v in context.invocation_metadata() or ():
         if k == key:
             return v if isinstance(v, str) else v.decode()
     return None
 
 
-def namespace(context: grpc.ServicerContext) -> Optional[str]:
+def namespace(context: grpc.ServicerContext) -> str | None:
     return header(context, NAMESPACE_HEADER)
 
 
@@ -54,5 +53,5 @@ def namespace_required(context: grpc.ServicerContext) -> str:
     return ns
 
 
-def lease(context: grpc.ServicerContext) -> Optional[str]:
+def lease(context: grpc.ServicerContext) -> str | None:
     return header(context, LEASE_HEADER)

@@ -10,7 +10,8 @@ which containerd uses, so the same dashboards work.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -50,7 +51,7 @@ class GRPCMetrics:
             labels,
             registry=registry,
         )
-        self.seconds: Optional[Histogram] = None
+        self.seconds: Histogram | None = None
         if histogram:
             self.seconds = Histogram(
                 "grpc_server_handling_seconds",
@@ -80,7 +81,7 @@ def _rpc_type(handler: grpc.RpcMethodHandler) -> str:
 class _Call:
     """Bookkeeping for one RPC: labels, timing, outcome."""
 
-    def __init__(self, metrics: Optional[GRPCMetrics], labels: tuple[str, str, str]) -> None:
+    def __init__(self, metrics: GRPCMetrics | None, labels: tuple[str, str, str]) -> None:
         self.metrics = metrics
         self.labels = labels
         self.start = time.monotonic()
@@ -130,14 +131,14 @@ def _status_of(context: grpc.ServicerContext) -> grpc.StatusCode:
 class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
     """Wraps every handler: maps cdtwist errors to status codes, counts calls."""
 
-    def __init__(self, metrics: Optional[GRPCMetrics] = None) -> None:
+    def __init__(self, metrics: GRPCMetrics | None = None) -> None:
         self.metrics = metrics
 
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Optional[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> Optional[grpc.RpcMethodHandler]:
+    ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         if handler is None:
             return None

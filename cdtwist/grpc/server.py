@@ -10,8 +10,9 @@ initialised, as containerd's ``server.New`` does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from twisted.application.service import Service
@@ -47,7 +48,7 @@ class GRPCServerService(Service):
         *,
         reactor: IReactorCore,
         io_pool: ThreadPool,
-        metrics_registry: Optional[CollectorRegistry] = None,
+        metrics_registry: CollectorRegistry | None = None,
         histogram: bool = False,
         workers: int = DEFAULT_WORKERS,
     ) -> None:
@@ -57,11 +58,11 @@ class GRPCServerService(Service):
         self.io_pool = io_pool
         self.metrics = GRPCMetrics(metrics_registry, histogram) if metrics_registry else None
         self.workers = workers
-        self.server: Optional[grpc.Server] = None
-        self.tcp_server: Optional[grpc.Server] = None
-        self.executor: Optional[ThreadPoolExecutor] = None
+        self.server: grpc.Server | None = None
+        self.tcp_server: grpc.Server | None = None
+        self.executor: ThreadPoolExecutor | None = None
         self.address: str = grpc_config.address
-        self.tcp_port: Optional[int] = None
+        self.tcp_port: int | None = None
 
     def _options(self) -> list[tuple[str, Any]]:
         opts: list[tuple[str, Any]] = [("grpc.so_reuseport", 0)]

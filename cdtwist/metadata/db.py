@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from typing import Callable, Optional, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from cdtwist.log import get_logger
 
@@ -98,7 +99,7 @@ class DB:
     def _connection(self) -> sqlite3.Connection:
         if self._closed:
             raise DatabaseError(f"{self.path}: database is closed")
-        conn: Optional[sqlite3.Connection] = getattr(self._local, "conn", None)
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(
                 self.path,

@@ -9,7 +9,7 @@ clients (``ctr ns label``) rely on that.
 from __future__ import annotations
 
 import sqlite3
-from typing import Callable
+from collections.abc import Callable
 
 from cdtwist.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from cdtwist.grpc.context import validate_identifier

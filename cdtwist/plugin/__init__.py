@@ -8,8 +8,9 @@ containerd.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 # containerd's plugin types, verbatim.
 CONTENT = "io.containerd.content.v1"
@@ -58,7 +59,7 @@ class Registration:
     init: Callable[[Any], Any]
     requires: tuple[str, ...] = ()
     #: a dataclass type; its defaults are the plugin's default config.
-    config: Optional[type] = None
+    config: type | None = None
     #: containerd's capability strings shown by introspection.
     capabilities: tuple[str, ...] = ()
     #: True when the instance can take a new config on SIGHUP (``reload(config)``).
@@ -98,7 +99,7 @@ class Registry:
     def __len__(self) -> int:
         return len(self._regs)
 
-    def get(self, uri: str) -> Optional[Registration]:
+    def get(self, uri: str) -> Registration | None:
         return self._regs.get(uri)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from cdtwist.errors import NotFound
 from cdtwist.plugin import Registration, SkipPlugin
@@ -44,7 +44,7 @@ class Plugin:
     meta: Meta
     config: Any = None
     instance: Any = None
-    error: Optional[BaseException] = None
+    error: BaseException | None = None
 
     @property
     def skipped(self) -> bool:
@@ -105,7 +105,7 @@ class PluginSet:
             raise plugin.error
         return plugin.instance
 
-    def lookup(self, type_: str, id_: str) -> Optional[Plugin]:
+    def lookup(self, type_: str, id_: str) -> Plugin | None:
         return self._by_type.get(type_, {}).get(id_)
 
 

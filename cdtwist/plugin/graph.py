@@ -9,7 +9,7 @@ the plugins involved instead of a silent partial order.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from cdtwist.plugin import ALL, PluginError, Registration
 

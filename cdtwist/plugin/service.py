@@ -10,7 +10,8 @@ child's start in order and stops them one at a time in reverse.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
@@ -81,7 +82,7 @@ class PluginService(Service):
         self.registration = registration
         self.tree = tree
         self.setName(registration.uri)
-        self.plugin: Optional[Plugin] = None
+        self.plugin: Plugin | None = None
 
     def startService(self) -> Deferred[None]:  # noqa: N802
         Service.startService(self)
@@ -131,7 +132,7 @@ class PluginService(Service):
         Service.stopService(self)
         instance = self.plugin.instance if self.plugin else None
         for name in ("stop", "close"):
-            method: Optional[Callable[[], Any]] = getattr(instance, name, None)
+            method: Callable[[], Any] | None = getattr(instance, name, None)
             if callable(method):
                 return maybeDeferred(method)
         return Deferred.fromResult(None)
