@@ -27,6 +27,7 @@ def prepare_unix_path(path: str, uid: int = 0, gid: int = 0) -> None:
     parent = os.path.dirname(path) or "."
     if not os.path.isdir(parent):
         os.makedirs(parent, 0o770, exist_ok=True)
+        os.chmod(parent, 0o770)  # makedirs honours the umask
         if (uid, gid) != (os.geteuid(), os.getegid()):
             os.chown(parent, uid, gid)
     try:

@@ -86,10 +86,10 @@ def message_field(message: Message, fieldpath: Sequence[str]) -> tuple[str, bool
             return str(value[key]), True
         return "", False
     if field.message_type is not None:
-        if field.label == field.LABEL_REPEATED or not message.HasField(field.name):
+        if field.is_repeated or not message.HasField(field.name):
             return "", False
         return message_field(value, fieldpath[1:])
-    if len(fieldpath) > 1 or field.label == field.LABEL_REPEATED:
+    if len(fieldpath) > 1 or field.is_repeated:
         return "", False
     if field.type == field.TYPE_BOOL:
         return ("true" if value else "false"), True
@@ -224,6 +224,10 @@ class Exchange:
         with self._lock:
             if subscription in self._subscribers:
                 self._subscribers.remove(subscription)
+
+    def drain(self) -> None:
+        """The servers are stopping: end every subscription so its stream closes."""
+        self.stop()
 
     def stop(self) -> None:
         with self._lock:

@@ -93,6 +93,7 @@ class GRPCServerService(Service):
                 register(server)
         if server.add_insecure_port("unix:" + self.address) == 0:
             raise OSError(f"failed to listen on {self.address}")
+        self._bound = True
         secure_socket(self.address, cfg.uid, cfg.gid)
         server.start()
         self.server = server
@@ -137,15 +138,24 @@ class GRPCServerService(Service):
             log.info("serving...", address=self.config.tcp_address)
 
     def _stop_blocking(self) -> None:
-        # Stop both first so their grace periods run side by side.
+        # Stop both first so their grace periods run side by side; new calls
+        # are refused from here on, unary calls in flight finish.
         events = [s.stop(STOP_GRACE) for s in (self.server, self.tcp_server) if s is not None]
+        # Streams that would run forever (event subscriptions) end now
+        # instead of holding shutdown for the whole grace period.
+        for instance in self.servicers():
+            drain = getattr(instance, "drain", None)
+            if callable(drain):
+                drain()
         for event in events:
             event.wait(STOP_GRACE + 1)
         self.server = self.tcp_server = None
         if self.executor is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
             self.executor = None
-        remove_socket(self.address)
+        if self._bound:
+            remove_socket(self.address)
+            self._bound = False
 
     def stopService(self) -> Deferred[None]:  # noqa: N802
         Service.stopService(self)
