@@ -63,6 +63,8 @@ class GRPCServerService(Service):
         self.executor: ThreadPoolExecutor | None = None
         self.address: str = grpc_config.address
         self.tcp_port: int | None = None
+        #: only a socket this service bound is removed on stop, never another daemon's.
+        self._bound = False
 
     def _options(self) -> list[tuple[str, Any]]:
         opts: list[tuple[str, Any]] = [("grpc.so_reuseport", 0)]
