@@ -76,16 +76,18 @@ class ExchangeTests(SynchronousTestCase):
         by_event = self.exchange.subscribe("event.labels.k==v")
         by_ns = self.exchange.subscribe("namespace==other", 'topic~="create$"')
         self.exchange.publish("default", "/namespaces/create", namespace_pb2.NamespaceCreate(name="a"))
-        self.exchange.publish("default", "/namespaces/update",
-                              namespace_pb2.NamespaceUpdate(name="a", labels={"k": "v"}))
+        self.exchange.publish(
+            "default", "/namespaces/update", namespace_pb2.NamespaceUpdate(name="a", labels={"k": "v"})
+        )
         self.exchange.publish("other", "/namespaces/delete", namespace_pb2.NamespaceDelete(name="a"))
         self.assertEqual(by_topic.get(timeout=0).topic, "/namespaces/delete")
         self.assertIsNone(by_topic.get(timeout=0))
         self.assertEqual(by_event.get(timeout=0).topic, "/namespaces/update")
         self.assertIsNone(by_event.get(timeout=0))
         # alternatives: namespace==other OR topic ends with create
-        self.assertEqual([by_ns.get(timeout=0).topic, by_ns.get(timeout=0).topic],
-                         ["/namespaces/create", "/namespaces/delete"])
+        self.assertEqual(
+            [by_ns.get(timeout=0).topic, by_ns.get(timeout=0).topic], ["/namespaces/create", "/namespaces/delete"]
+        )
 
     def test_bad_filter_is_an_unknown_error_like_containerd(self) -> None:
         err = self.assertRaises(CdtwistError, self.exchange.subscribe, "topic==")
@@ -99,8 +101,9 @@ class ExchangeTests(SynchronousTestCase):
 
     def test_forward_validates_envelope(self) -> None:
         sub = self.exchange.subscribe()
-        env = Envelope(namespace="default", topic="/tasks/exit",
-                       event=typeurl.marshal_any(namespace_pb2.NamespaceCreate(name="x")))
+        env = Envelope(
+            namespace="default", topic="/tasks/exit", event=typeurl.marshal_any(namespace_pb2.NamespaceCreate(name="x"))
+        )
         err = self.assertRaises(InvalidArgument, self.exchange.forward, env)
         self.assertEqual(str(err), "timestamp must be set on forwarded event: invalid argument")
         env.timestamp.seconds = 1700000000

@@ -37,8 +37,17 @@ class Servicer(version_pb2_grpc.VersionServicer):
 
 
 def grpc_config(address: str, **overrides: Any) -> SimpleNamespace:
-    base = dict(address=address, tcp_address="", tcp_tls_cert="", tcp_tls_key="", tcp_tls_ca="", uid=0, gid=0,
-                max_recv_message_size=16 << 20, max_send_message_size=16 << 20)
+    base = dict(
+        address=address,
+        tcp_address="",
+        tcp_tls_cert="",
+        tcp_tls_key="",
+        tcp_tls_ca="",
+        uid=0,
+        gid=0,
+        max_recv_message_size=16 << 20,
+        max_send_message_size=16 << 20,
+    )
     base.update(overrides)
     return SimpleNamespace(**base)
 
@@ -53,8 +62,13 @@ class GRPCServerTests(TestCase):
         self.addCleanup(self.pool.stop)
         self.servicer = Servicer()
         self.registry = CollectorRegistry()
-        self.service = GRPCServerService(grpc_config(self.address), lambda: [self.servicer], reactor=reactor,
-                                         io_pool=self.pool, metrics_registry=self.registry)
+        self.service = GRPCServerService(
+            grpc_config(self.address),
+            lambda: [self.servicer],
+            reactor=reactor,
+            io_pool=self.pool,
+            metrics_registry=self.registry,
+        )
 
     async def start(self) -> None:
         await self.service.startService()
@@ -94,8 +108,11 @@ class GRPCServerTests(TestCase):
         await self.call()
         self.servicer.mode = "notfound"
         await self.call()
-        labels = {"grpc_type": "unary", "grpc_service": "containerd.services.version.v1.Version",
-                  "grpc_method": "Version"}
+        labels = {
+            "grpc_type": "unary",
+            "grpc_service": "containerd.services.version.v1.Version",
+            "grpc_method": "Version",
+        }
         value = self.registry.get_sample_value
         self.assertEqual(value("grpc_server_started_total", labels), 2.0)
         self.assertEqual(value("grpc_server_handled_total", dict(labels, grpc_code="OK")), 1.0)

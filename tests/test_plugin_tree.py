@@ -28,8 +28,15 @@ class Recorder:
         self.pending: dict[str, Deferred[Any]] = {}
 
 
-def make_reg(rec: Recorder, type_: str, id_: str, *requires: str, fail: Exception | None = None,
-             hold: bool = False, config: type | None = None) -> Registration:
+def make_reg(
+    rec: Recorder,
+    type_: str,
+    id_: str,
+    *requires: str,
+    fail: Exception | None = None,
+    hold: bool = False,
+    config: type | None = None,
+) -> Registration:
     def init(ic: InitContext) -> Any:
         rec.events.append(f"init {ic.registration.uri}")
         if fail is not None:
@@ -89,11 +96,13 @@ class PluginTreeTests(SynchronousTestCase):
 
     def test_skip_and_failure_are_recorded_and_boot_goes_on(self) -> None:
         rec = Recorder()
-        tree = make_tree([
-            make_reg(rec, "snap", "btrfs", fail=SkipPlugin("path /x must be a btrfs filesystem")),
-            make_reg(rec, "snap", "broken", fail=RuntimeError("disk on fire")),
-            make_reg(rec, "svc", "ok", "snap"),
-        ])
+        tree = make_tree(
+            [
+                make_reg(rec, "snap", "btrfs", fail=SkipPlugin("path /x must be a btrfs filesystem")),
+                make_reg(rec, "snap", "broken", fail=RuntimeError("disk on fire")),
+                make_reg(rec, "svc", "ok", "snap"),
+            ]
+        )
         self.successResultOf(tree.startService())
         by_id = {p.registration.id: p for p in tree.plugins.all()}
         self.assertTrue(by_id["btrfs"].skipped)
@@ -107,8 +116,9 @@ class PluginTreeTests(SynchronousTestCase):
 
     def test_required_plugin_failure_fails_start(self) -> None:
         rec = Recorder()
-        tree = make_tree([make_reg(rec, "a", "1", fail=RuntimeError("nope")), make_reg(rec, "b", "2")],
-                         required={"a.1"})
+        tree = make_tree(
+            [make_reg(rec, "a", "1", fail=RuntimeError("nope")), make_reg(rec, "b", "2")], required={"a.1"}
+        )
         failure = self.failureResultOf(tree.startService(), RequiredPluginError)
         self.assertIn("load required plugin a.1: nope", str(failure.value))
         self.assertEqual(rec.events, ["init a.1"])
