@@ -28,6 +28,7 @@ from twisted.python.threadpool import ThreadPool
 
 from cdtwist import SERVER_VERSION, revision
 from cdtwist.config import Config
+from cdtwist.debug import DebugService
 from cdtwist.grpc.server import GRPCServerService
 from cdtwist.log import LogObserver, dump_stacks, get_logger
 from cdtwist.metrics import MetricsService, new_registry
@@ -100,6 +101,15 @@ class Daemon(OrderedMultiService):
         self.grpc.setServiceParent(self)
         if config.metrics.address:
             MetricsService(config.metrics.address, self.metrics_registry, reactor).setServiceParent(self)
+        if config.debug.address:
+            DebugService(
+                config.debug.address,
+                config.debug.uid,
+                config.debug.gid,
+                reactor,
+                self.io_pool,
+                counters={"grpc_pool_queue": self.grpc.queue_length, "grpc_pool_workers": self.grpc.worker_count},
+            ).setServiceParent(self)
 
     # -- twistd integration ------------------------------------------------
 

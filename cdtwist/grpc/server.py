@@ -66,6 +66,15 @@ class GRPCServerService(Service):
         #: only a socket this service bound is removed on stop, never another daemon's.
         self._bound = False
 
+    def queue_length(self) -> int:
+        """Calls accepted but waiting for a worker (the debug socket shows it)."""
+        executor = self.executor
+        return executor._work_queue.qsize() if executor is not None else 0
+
+    def worker_count(self) -> int:
+        executor = self.executor
+        return len(executor._threads) if executor is not None else 0
+
     def _options(self) -> list[tuple[str, Any]]:
         opts: list[tuple[str, Any]] = [("grpc.so_reuseport", 0)]
         if self.config.max_recv_message_size > 0:

@@ -1,0 +1,150 @@
+# -*- test-case-name: tests.test_debug -*-
+"""The ``[debug].address`` socket: what an operator asks a stuck daemon.
+
+Like containerd's debug socket (pprof + expvar over HTTP on a UNIX socket):
+``/debug/pprof/goroutine?debug=2`` returns every thread's stack and
+``/debug/vars`` a JSON object of runtime counters.  Served by twisted.web;
+counters that read /proc are gathered in the I/O pool, the reactor's own
+counters on the reactor thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from cdtwist.endpoints import server_endpoint, unix_path
+from cdtwist.log import dump_stacks, get_logger
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IListeningPort
+    from twisted.python.threadpool import ThreadPool
+
+log = get_logger(__name__)
+
+#: Extra counters: name -> callable run on the reactor thread.
+Counters = dict[str, Callable[[], Any]]
+
+
+def process_counters() -> dict[str, Any]:
+    """Blocking (/proc): run in a pool."""
+    fds = len(os.listdir("/proc/self/fd"))
+    rss = 0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+    return {
+        "pid": os.getpid(),
+        "threads": threading.active_count(),
+        "thread_names": sorted(t.name for t in threading.enumerate()),
+        "open_fds": fds,
+        "rss_bytes": rss,
+    }
+
+
+class _Stacks(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:  # noqa: N802
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return dump_stacks().encode()
+
+
+class _Vars(Resource):
+    isLeaf = True
+
+    def __init__(self, reactor: Any, pool: ThreadPool, counters: Counters) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.pool = pool
+        self.counters = counters
+
+    def render_GET(self, request: Request) -> object:  # noqa: N802
+        values: dict[str, Any] = {
+            "reactor_delayed_calls": len(self.reactor.getDelayedCalls()),
+            "io_pool_queue": self.pool.q.qsize(),
+            "io_pool_workers": len(self.pool.threads),
+        }
+        for name, counter in self.counters.items():
+            try:
+                values[name] = counter()
+            except Exception as e:  # a broken counter must not break the page
+                values[name] = f"error: {e}"
+
+        def done(proc: dict[str, Any]) -> None:
+            values.update(proc)
+            request.setHeader(b"content-type", b"application/json")
+            request.write(json.dumps(values, sort_keys=True, indent=1).encode() + b"\n")
+            request.finish()
+
+        def failed(failure: Any) -> None:
+            request.setResponseCode(500)
+            request.write(str(failure.value).encode())
+            request.finish()
+
+        deferToThreadPool(self.reactor, self.pool, process_counters).addCallbacks(done, failed)
+        return NOT_DONE_YET
+
+
+def debug_site(reactor: Any, pool: ThreadPool, counters: Counters) -> Site:
+    root = Resource()
+    debug = Resource()
+    pprof = Resource()
+    root.putChild(b"debug", debug)
+    debug.putChild(b"pprof", pprof)
+    pprof.putChild(b"goroutine", _Stacks())
+    debug.putChild(b"vars", _Vars(reactor, pool, counters))
+    site = Site(root)
+    site.noisy = False
+    return site
+
+
+class DebugService(Service):
+    name = "debug"
+
+    def __init__(self, address: str, uid: int, gid: int, reactor: Any, pool: ThreadPool,
+                 counters: Counters | None = None) -> None:
+        self.address = address
+        self.uid = uid
+        self.gid = gid
+        self.reactor = reactor
+        self.pool = pool
+        self.counters: Counters = counters or {}
+        self.port: IListeningPort | None = None
+
+    def startService(self) -> Deferred[None]:  # noqa: N802
+        Service.startService(self)
+        return ensureDeferred(self._listen())
+
+    async def _listen(self) -> None:
+        from cdtwist.sockets import prepare_unix_path, secure_socket
+
+        path = unix_path(self.address)
+        if path:
+            await deferToThreadPool(self.reactor, self.pool, prepare_unix_path, path, self.uid, self.gid)
+        site = debug_site(self.reactor, self.pool, self.counters)
+        self.port = await server_endpoint(self.reactor, self.address).listen(site)
+        if path:
+            await deferToThreadPool(self.reactor, self.pool, secure_socket, path, self.uid, self.gid)
+        log.info("debugging served", address=self.address)
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802
+        Service.stopService(self)
+        port, self.port = self.port, None
+        if port is None:
+            return Deferred.fromResult(None)
+        return Deferred.fromCoroutine(_stop(port))
+
+
+async def _stop(port: IListeningPort) -> None:
+    await port.stopListening()
