@@ -165,9 +165,10 @@ class Daemon(OrderedMultiService):
     def _prepare(self) -> None:
         """Blocking: dirs, the single-daemon lock, leftover temp mounts, OOM score."""
         cfg = self.config
-        for path in (cfg.root, cfg.state):
-            os.makedirs(path, 0o711, exist_ok=True)
-            os.chmod(path, 0o711)
+        # containerd 1.6: root is private (0700), state traversable (0711).
+        for path, mode in ((cfg.root, 0o700), (cfg.state, 0o711)):
+            os.makedirs(path, mode, exist_ok=True)
+            os.chmod(path, mode)
         self._lock_root()
         if cfg.temp:
             os.makedirs(cfg.temp, 0o711, exist_ok=True)
@@ -202,12 +203,21 @@ class Daemon(OrderedMultiService):
 
     def _install_signals(self) -> None:
         handlers = {
+            # twistd re-raises SIGTERM/SIGINT after the reactor stops, so the
+            # process would die "killed by signal"; containerd exits 0.
+            signal.SIGTERM: lambda *_: self.reactor.callFromThread(self._stop_reactor),
+            signal.SIGINT: lambda *_: self.reactor.callFromThread(self._stop_reactor),
             signal.SIGHUP: lambda *_: self.reactor.callFromThread(self.reload),
             signal.SIGUSR1: lambda *_: self.reactor.callFromThread(self.dump_stacks),
             signal.SIGPIPE: signal.SIG_IGN,
         }
         for signum, handler in handlers.items():
             self._previous_signals[signum] = signal.signal(signum, handler)
+
+    def _stop_reactor(self) -> None:
+        log.info("received signal, shutting down")
+        if self.reactor.running:
+            self.reactor.stop()
 
     def _restore_signals(self) -> None:
         for signum, previous in self._previous_signals.items():

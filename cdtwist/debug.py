@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -142,7 +142,7 @@ class DebugService(Service):
         Service.stopService(self)
         port, self.port = self.port, None
         if port is None:
-            return Deferred.fromResult(None)
+            return succeed(None)
         return Deferred.fromCoroutine(_stop(port))
 
 

@@ -112,3 +112,11 @@ def from_grpc_code(code: grpc.StatusCode, message: str) -> CdtwistError:
     elif message.endswith(suffix):
         context = message[: -len(suffix)]
     return cls(context)
+
+
+class GRPCStatus(CdtwistError):
+    """A status chosen directly, with its message verbatim (Go's ``status.Errorf``)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        self.code = code  # type: ignore[misc]
+        super().__init__(message)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 
 from cdtwist.endpoints import server_endpoint
 from cdtwist.log import get_logger
@@ -64,7 +64,7 @@ class MetricsService(Service):
         Service.stopService(self)
         port, self.port = self.port, None
         if port is None:
-            return Deferred.fromResult(None)
+            return succeed(None)
         return Deferred.fromCoroutine(_stop(port))
 
 

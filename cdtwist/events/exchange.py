@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -238,7 +239,7 @@ class Exchange:
 
 def _now() -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
-    ts.GetCurrentTime()
+    ts.FromNanoseconds(time.time_ns())
     return ts
 
 

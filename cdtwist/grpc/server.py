@@ -98,10 +98,7 @@ class GRPCServerService(Service):
         self.executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="cdtwist-grpc")
         server = self._new_server()
         instances = self.servicers()
-        for instance in instances:
-            register = getattr(instance, "register_grpc", None)
-            if callable(register):
-                register(server)
+        _register(server, instances, "register_grpc")
         if server.add_insecure_port("unix:" + self.address) == 0:
             raise OSError(f"failed to listen on {self.address}")
         self._bound = True
@@ -110,10 +107,7 @@ class GRPCServerService(Service):
         self.server = server
         if cfg.tcp_address:
             tcp = self._new_server()
-            for instance in instances:
-                register = getattr(instance, "register_tcp", None)
-                if callable(register):
-                    register(tcp)
+            _register(tcp, instances, "register_tcp")
             self.tcp_port = tcp.add_secure_port(cfg.tcp_address, self._tls()) if cfg.tcp_tls_cert else (
                 tcp.add_insecure_port(cfg.tcp_address)
             )
@@ -171,3 +165,53 @@ class GRPCServerService(Service):
     def stopService(self) -> Deferred[None]:  # noqa: N802
         Service.stopService(self)
         return deferToThreadPool(self.reactor, self.io_pool, self._stop_blocking)
+
+
+class _RecordingServer:
+    """Passes registrations to the grpcio server and remembers the service names."""
+
+    def __init__(self, server: grpc.Server) -> None:
+        self._server = server
+        self.services: set[str] = set()
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        for handler in handlers:
+            name = getattr(handler, "service_name", None)
+            if callable(name):
+                self.services.add(name())
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service_name: str, handlers: Any) -> None:
+        self.services.add(service_name)
+        self._server.add_registered_method_handlers(service_name, handlers)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+
+class _UnknownHandler(grpc.GenericRpcHandler):
+    """Last in line: answers what no servicer claimed with grpc-go's words."""
+
+    def __init__(self, services: set[str]) -> None:
+        self.services = services
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        if service in self.services:
+            message = f"unknown method {method} for service {service}"
+        else:
+            message = f"unknown service {service}"
+
+        def abort(request_iterator: Any, context: grpc.ServicerContext) -> None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+
+        return grpc.stream_stream_rpc_method_handler(abort)
+
+
+def _register(server: grpc.Server, instances: list[Any], method: str) -> None:
+    recorder = _RecordingServer(server)
+    for instance in instances:
+        register = getattr(instance, method, None)
+        if callable(register):
+            register(recorder)
+    server.add_generic_rpc_handlers((_UnknownHandler(recorder.services),))

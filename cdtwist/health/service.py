@@ -3,22 +3,34 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
+from cdtwist.errors import GRPCStatus
 from cdtwist.plugin import GRPC, Registration, register
 
 if TYPE_CHECKING:
     from cdtwist.plugin.context import InitContext
 
 
+class _HealthServicer(health.HealthServicer):
+    """grpcio's servicer with grpc-go's answer for an unknown service."""
+
+    def Check(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802 - generated API
+        with self._lock:
+            known = request.service in self._server_status
+        if not known:
+            raise GRPCStatus(grpc.StatusCode.NOT_FOUND, "unknown service")
+        return super().Check(request, context)
+
+
 class HealthPlugin:
     def __init__(self) -> None:
         # The overall ("") status is SERVING from the start: the socket only
         # exists once every plugin is up, as with containerd.
-        self.servicer = health.HealthServicer()
+        self.servicer = _HealthServicer()
 
     def register_grpc(self, server: grpc.Server) -> None:
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)

@@ -52,6 +52,8 @@ async def _init(ic: InitContext) -> MetadataPlugin:
     if config.content_sharing_policy not in ("shared", "isolated"):
         raise InvalidArgument(f"unknown policy: {config.content_sharing_policy}")
     db = DB(os.path.join(ic.root, DB_FILE))
+    ic.meta.exports["path"] = db.path
+    ic.meta.exports["policy"] = config.content_sharing_policy
     await deferToThreadPool(ic.reactor, ic.io_pool, db.open)  # type: ignore[arg-type]
     return MetadataPlugin(db, config, ic.reactor, ic.io_pool)
 

@@ -15,7 +15,7 @@ from google.protobuf import empty_pb2
 from cdtwist.api.events import namespace_pb2 as events
 from cdtwist.api.services.namespaces.v1 import namespace_pb2 as api
 from cdtwist.api.services.namespaces.v1 import namespace_pb2_grpc as api_grpc
-from cdtwist.errors import InvalidArgument
+from cdtwist.errors import CdtwistError, GRPCStatus, InvalidArgument
 from cdtwist.events.exchange import Exchange
 from cdtwist.grpc import context as callctx
 from cdtwist.metadata import namespaces as store
@@ -72,7 +72,7 @@ class NamespacesService(api_grpc.NamespacesServicer):
             if paths:
                 for path in paths:
                     if not path.startswith("labels."):
-                        raise InvalidArgument(f'cannot update "{path}" field')
+                        raise GRPCStatus(grpc.StatusCode.INVALID_ARGUMENT, f'cannot update "{path}" field')
                     key = path[len("labels."):]
                     store.set_label(tx, ns.name, key, ns.labels.get(key, ""))  # type: ignore[arg-type]
                 return
@@ -81,7 +81,12 @@ class NamespacesService(api_grpc.NamespacesServicer):
             for key, value in ns.labels.items():
                 store.set_label(tx, ns.name, key, value)  # type: ignore[arg-type]
 
-        self.db.update(update)
+        try:
+            self.db.update(update)
+        except InvalidArgument as e:
+            # containerd's Update hands store errors back unconverted: the
+            # client sees code Unknown carrying the class in the text.
+            raise CdtwistError(str(e)) from None
         self.exchange.publish(
             callctx.namespace(context),
             "/namespaces/update",

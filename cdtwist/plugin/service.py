@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
 
 from cdtwist.log import get_logger
 from cdtwist.plugin import Registration, SkipPlugin
@@ -29,6 +29,9 @@ log = get_logger(__name__)
 
 class RequiredPluginError(Exception):
     """A plugin listed in ``required_plugins`` is missing or failed."""
+
+    #: an operator's mistake, not a bug: boot fails with the message alone.
+    expected = True
 
 
 class OrderedMultiService(MultiService):
@@ -135,7 +138,7 @@ class PluginService(Service):
             method: Callable[[], Any] | None = getattr(instance, name, None)
             if callable(method):
                 return maybeDeferred(method)
-        return Deferred.fromResult(None)
+        return succeed(None)
 
 
 class PluginTree(OrderedMultiService):

@@ -1,0 +1,1 @@
+"""Integration tests: the real cdtwist daemon (and real containerd) driven by the real ``ctr``."""
