@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 # containerd's plugin types, verbatim.
 CONTENT = "io.containerd.content.v1"
