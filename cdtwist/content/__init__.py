@@ -1,0 +1,1 @@
+"""Content storage: containerd's digest-addressed blob store (``content/``)."""
