@@ -66,6 +66,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    """``containerd publish``: what shims exec to publish an event (an Any on stdin)."""
+    import grpc
+    from google.protobuf import any_pb2
+
+    from cdtwist.api.services.events.v1 import events_pb2, events_pb2_grpc
+
+    if not args.topic:
+        print("cdtwist: topic required to publish event: invalid argument", file=sys.stderr)
+        return 1
+    event = any_pb2.Any()
+    try:
+        event.ParseFromString(sys.stdin.buffer.read())
+    except Exception as e:
+        print(f"cdtwist: {e}", file=sys.stderr)
+        return 1
+    target = args.address if "://" in args.address or args.address.startswith("unix:") else "unix:" + args.address
+    metadata = [("containerd-namespace", args.namespace)] if args.namespace else []
+    with grpc.insecure_channel(target) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=2)
+            events_pb2_grpc.EventsStub(channel).Publish(
+                events_pb2.PublishRequest(topic=args.topic, event=event), metadata=metadata, timeout=10
+            )
+        except grpc.FutureTimeoutError:
+            print(f'cdtwist: failed to dial "{args.address}": context deadline exceeded', file=sys.stderr)
+            return 1
+        except grpc.RpcError as e:
+            print(f"cdtwist: {e.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdtwist", description="containerd 1.6 compatible daemon on Twisted")
     parser.add_argument(
@@ -80,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     dump = config_sub.add_parser("dump", help="print the effective config: file, imports and flags")
     _daemon_flags(dump)
     dump.set_defaults(func=cmd_config_dump)
+
+    publish = sub.add_parser("publish", help="binary to publish events to cdtwist (reads an Any from stdin)")
+    publish.add_argument("--address", "-a", default="/run/containerd/containerd.sock")
+    publish.add_argument("--namespace")
+    publish.add_argument("--topic")
+    publish.set_defaults(func=cmd_publish)
 
     run = sub.add_parser("run", help="run the daemon in the foreground (twistd -n cdtwist)")
     _daemon_flags(run)

@@ -35,6 +35,7 @@ from cdtwist.metrics import MetricsService, new_registry
 from cdtwist.mounts import cleanup_temp_mounts
 from cdtwist.plugin import Registration
 from cdtwist.plugin.service import OrderedMultiService, PluginTree
+from cdtwist.ttrpc.service import TTRPCServerService
 
 if TYPE_CHECKING:
     from twisted.application.service import IServiceCollection
@@ -99,6 +100,10 @@ class Daemon(OrderedMultiService):
             histogram=config.metrics.grpc_histogram,
         )
         self.grpc.setServiceParent(self)
+        self.ttrpc = TTRPCServerService(
+            config.ttrpc.address, config.ttrpc.uid, config.ttrpc.gid, self.tree.instances, reactor
+        )
+        self.ttrpc.setServiceParent(self)
         if config.metrics.address:
             MetricsService(config.metrics.address, self.metrics_registry, reactor).setServiceParent(self)
         if config.debug.address:
