@@ -38,6 +38,59 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (namespace, key)
     ) WITHOUT ROWID;
     """,
+    # 2: content blobs and ingests per namespace, leases and what they hold
+    # (``v1/<ns>/content/{blob,ingest}`` and ``v1/<ns>/leases`` in bolt).
+    # Times are nanoseconds since the epoch; text compares bytewise, so
+    # ORDER BY gives bolt's key order.
+    """
+    CREATE TABLE content_blobs (
+        namespace TEXT NOT NULL REFERENCES namespaces(name) ON DELETE CASCADE,
+        digest TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (namespace, digest)
+    ) WITHOUT ROWID;
+    CREATE TABLE content_blob_labels (
+        namespace TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (namespace, digest, key),
+        FOREIGN KEY (namespace, digest) REFERENCES content_blobs(namespace, digest) ON DELETE CASCADE
+    ) WITHOUT ROWID;
+    CREATE INDEX content_blob_labels_by_key ON content_blob_labels(key, namespace, digest);
+    CREATE TABLE content_ingests (
+        namespace TEXT NOT NULL REFERENCES namespaces(name) ON DELETE CASCADE,
+        ref TEXT NOT NULL,
+        bref TEXT NOT NULL,
+        expected TEXT NOT NULL DEFAULT '',
+        expire_at INTEGER,
+        PRIMARY KEY (namespace, ref)
+    ) WITHOUT ROWID;
+    CREATE TABLE leases (
+        namespace TEXT NOT NULL REFERENCES namespaces(name) ON DELETE CASCADE,
+        id TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (namespace, id)
+    ) WITHOUT ROWID;
+    CREATE TABLE lease_labels (
+        namespace TEXT NOT NULL,
+        id TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (namespace, id, key),
+        FOREIGN KEY (namespace, id) REFERENCES leases(namespace, id) ON DELETE CASCADE
+    ) WITHOUT ROWID;
+    CREATE TABLE lease_resources (
+        namespace TEXT NOT NULL,
+        lease TEXT NOT NULL,
+        type TEXT NOT NULL,
+        key TEXT NOT NULL,
+        PRIMARY KEY (namespace, lease, type, key),
+        FOREIGN KEY (namespace, lease) REFERENCES leases(namespace, id) ON DELETE CASCADE
+    ) WITHOUT ROWID;
+    """,
 ]
 
 

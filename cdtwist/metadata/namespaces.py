@@ -85,3 +85,11 @@ def delete(tx: sqlite3.Connection, name: str) -> None:
         )
     if tx.execute("DELETE FROM namespaces WHERE name = ?", (name,)).rowcount == 0:
         raise NotFound(f'namespace "{name}"')
+
+
+def _has_blobs(tx: sqlite3.Connection, name: str) -> list[str]:
+    row = tx.execute("SELECT 1 FROM content_blobs WHERE namespace = ? LIMIT 1", (name,)).fetchone()
+    return ["blobs"] if row is not None else []
+
+
+OBJECT_CHECKS.append(_has_blobs)

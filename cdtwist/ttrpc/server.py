@@ -601,6 +601,8 @@ class TTRPCServerFactory(Factory):
 
     protocol = TTRPCServerProtocol
 
+    noisy = False  # one log line per listen/stop is the service's job
+
     def __init__(
         self,
         services: Services,
