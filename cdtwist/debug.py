@@ -19,8 +19,6 @@ from typing import TYPE_CHECKING, Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from cdtwist.endpoints import server_endpoint, unix_path
 from cdtwist.log import dump_stacks, get_logger
@@ -28,6 +26,7 @@ from cdtwist.log import dump_stacks, get_logger
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IListeningPort
     from twisted.python.threadpool import ThreadPool
+    from twisted.web.server import Request, Site
 
 log = get_logger(__name__)
 
@@ -52,58 +51,54 @@ def process_counters() -> dict[str, Any]:
     }
 
 
-class _Stacks(Resource):
-    isLeaf = True
-
-    def render_GET(self, request: Request) -> bytes:  # noqa: N802
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return dump_stacks().encode()
-
-
-class _Vars(Resource):
-    isLeaf = True
-
-    def __init__(self, reactor: Any, pool: ThreadPool, counters: Counters) -> None:
-        super().__init__()
-        self.reactor = reactor
-        self.pool = pool
-        self.counters = counters
-
-    def render_GET(self, request: Request) -> object:  # noqa: N802
-        values: dict[str, Any] = {
-            "reactor_delayed_calls": len(self.reactor.getDelayedCalls()),
-            "io_pool_queue": self.pool.q.qsize(),
-            "io_pool_workers": len(self.pool.threads),
-        }
-        for name, counter in self.counters.items():
-            try:
-                values[name] = counter()
-            except Exception as e:  # a broken counter must not break the page
-                values[name] = f"error: {e}"
-
-        def done(proc: dict[str, Any]) -> None:
-            values.update(proc)
-            request.setHeader(b"content-type", b"application/json")
-            request.write(json.dumps(values, sort_keys=True, indent=1).encode() + b"\n")
-            request.finish()
-
-        def failed(failure: Any) -> None:
-            request.setResponseCode(500)
-            request.write(str(failure.value).encode())
-            request.finish()
-
-        deferToThreadPool(self.reactor, self.pool, process_counters).addCallbacks(done, failed)
-        return NOT_DONE_YET
-
-
 def debug_site(reactor: Any, pool: ThreadPool, counters: Counters) -> Site:
+    """Built on demand: twisted.web is only imported when debugging is configured."""
+    from twisted.web.resource import Resource
+    from twisted.web.server import NOT_DONE_YET, Site
+
+    class Stacks(Resource):
+        isLeaf = True
+
+        def render_GET(self, request: Request) -> bytes:  # noqa: N802
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return dump_stacks().encode()
+
+    class Vars(Resource):
+        isLeaf = True
+
+        def render_GET(self, request: Request) -> object:  # noqa: N802
+            values: dict[str, Any] = {
+                "reactor_delayed_calls": len(reactor.getDelayedCalls()),
+                "io_pool_queue": pool.q.qsize(),
+                "io_pool_workers": len(pool.threads),
+            }
+            for name, counter in counters.items():
+                try:
+                    values[name] = counter()
+                except Exception as e:  # a broken counter must not break the page
+                    values[name] = f"error: {e}"
+
+            def done(proc: dict[str, Any]) -> None:
+                values.update(proc)
+                request.setHeader(b"content-type", b"application/json")
+                request.write(json.dumps(values, sort_keys=True, indent=1).encode() + b"\n")
+                request.finish()
+
+            def failed(failure: Any) -> None:
+                request.setResponseCode(500)
+                request.write(str(failure.value).encode())
+                request.finish()
+
+            deferToThreadPool(reactor, pool, process_counters).addCallbacks(done, failed)
+            return NOT_DONE_YET
+
     root = Resource()
     debug = Resource()
     pprof = Resource()
     root.putChild(b"debug", debug)
     debug.putChild(b"pprof", pprof)
-    pprof.putChild(b"goroutine", _Stacks())
-    debug.putChild(b"vars", _Vars(reactor, pool, counters))
+    pprof.putChild(b"goroutine", Stacks())
+    debug.putChild(b"vars", Vars())
     site = Site(root)
     site.noisy = False
     return site

@@ -78,30 +78,50 @@ def _rpc_type(handler: grpc.RpcMethodHandler) -> str:
     return "unary"
 
 
-class _Call:
-    """Bookkeeping for one RPC: labels, timing, outcome."""
+class _MethodMetrics:
+    """One method's metric children, bound once: label lookups cost per call otherwise."""
 
-    def __init__(self, metrics: GRPCMetrics | None, labels: tuple[str, str, str]) -> None:
-        self.metrics = metrics
+    def __init__(self, metrics: GRPCMetrics, labels: tuple[str, str, str]) -> None:
         self.labels = labels
+        self.handled_family = metrics.handled
+        self.started = metrics.started.labels(*labels)
+        self.received = metrics.received.labels(*labels)
+        self.sent = metrics.sent.labels(*labels)
+        self.seconds = metrics.seconds.labels(*labels) if metrics.seconds is not None else None
+        self._handled: dict[grpc.StatusCode, Any] = {}
+
+    def handled(self, code: grpc.StatusCode) -> Any:
+        child = self._handled.get(code)
+        if child is None:
+            child = self._handled[code] = self.handled_family.labels(*self.labels, _code_name(code))
+        return child
+
+
+class _Call:
+    """Bookkeeping for one RPC: timing and outcome."""
+
+    __slots__ = ("metrics", "start")
+
+    def __init__(self, metrics: _MethodMetrics | None) -> None:
+        self.metrics = metrics
         self.start = time.monotonic()
         if metrics:
-            metrics.started.labels(*labels).inc()
+            metrics.started.inc()
 
     def received(self) -> None:
         if self.metrics:
-            self.metrics.received.labels(*self.labels).inc()
+            self.metrics.received.inc()
 
     def sent(self) -> None:
         if self.metrics:
-            self.metrics.sent.labels(*self.labels).inc()
+            self.metrics.sent.inc()
 
     def done(self, code: grpc.StatusCode) -> None:
         if not self.metrics:
             return
-        self.metrics.handled.labels(*self.labels, _code_name(code)).inc()
+        self.metrics.handled(code).inc()
         if self.metrics.seconds is not None:
-            self.metrics.seconds.labels(*self.labels).observe(time.monotonic() - self.start)
+            self.metrics.seconds.observe(time.monotonic() - self.start)
 
 
 def _code_name(code: grpc.StatusCode) -> str:
@@ -128,11 +148,16 @@ def _status_of(context: grpc.ServicerContext) -> grpc.StatusCode:
     return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
 
 
+_WRAPPED_CACHE_LIMIT = 4096
+
+
 class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
     """Wraps every handler: maps cdtwist errors to status codes, counts calls."""
 
     def __init__(self, metrics: GRPCMetrics | None = None) -> None:
         self.metrics = metrics
+        # grpcio asks for every call; the wrapped handler depends only on the method.
+        self._wrapped: dict[tuple[str, int], grpc.RpcMethodHandler] = {}
 
     def intercept_service(
         self,
@@ -142,10 +167,20 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
+        key = (handler_call_details.method, id(handler))
+        wrapped = self._wrapped.get(key)
+        if wrapped is None:
+            wrapped = self._wrap(handler_call_details.method, handler)
+            # Registered handlers are few and long-lived; anything else
+            # (per-call fallbacks) must not grow the cache without bound.
+            if len(self._wrapped) < _WRAPPED_CACHE_LIMIT:
+                self._wrapped[key] = wrapped
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         service, name = _split(method)
         labels = (_rpc_type(handler), service, name)
-        metrics = self.metrics
+        metrics = _MethodMetrics(self.metrics, labels) if self.metrics is not None else None
 
         def counted_requests(requests: Iterator[Any], call: _Call) -> Iterator[Any]:
             for request in requests:
@@ -153,7 +188,7 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
                 yield request
 
         def run_unary(behavior: Callable[..., Any], request: Any, context: grpc.ServicerContext) -> Any:
-            call = _Call(metrics, labels)
+            call = _Call(metrics)
             if not handler.request_streaming:
                 call.received()
             else:
@@ -174,7 +209,7 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
         def run_stream(
             behavior: Callable[..., Iterator[Any]], request: Any, context: grpc.ServicerContext
         ) -> Iterator[Any]:
-            call = _Call(metrics, labels)
+            call = _Call(metrics)
             if not handler.request_streaming:
                 call.received()
             else:

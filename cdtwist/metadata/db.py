@@ -12,6 +12,7 @@ migration runs once, in its own transaction.
 from __future__ import annotations
 
 import os
+import queue
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -99,14 +100,23 @@ class DatabaseError(Exception):
 
 
 class DB:
-    """One database file; a connection per thread, one writer at a time."""
+    """One database file: a few pooled readers, one writer at a time.
 
-    def __init__(self, path: str, busy_timeout: float = 30.0) -> None:
+    Connections are pooled rather than kept per thread: grpcio may run a
+    hundred workers, and a connection each would cost memory for nothing.
+    A transaction started inside another on the same thread joins it.
+    """
+
+    def __init__(self, path: str, busy_timeout: float = 30.0, max_readers: int = 8) -> None:
         self.path = path
         self.busy_timeout = busy_timeout
+        self.max_readers = max_readers
         self._local = threading.local()
+        self._readers: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
+        self._reader_slots = threading.BoundedSemaphore(max_readers)
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
+        self._writer: sqlite3.Connection | None = None
         self._write_lock = threading.Lock()
         self._closed = False
         self._commit_hooks: list[Callable[[], None]] = []
@@ -116,17 +126,17 @@ class DB:
     def open(self) -> int:
         """Create or migrate the schema; returns the schema version."""
         os.makedirs(os.path.dirname(self.path) or ".", 0o711, exist_ok=True)
-        conn = self._connection()
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            raise DatabaseError(f"{self.path}: cannot use WAL journal (got {mode})")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(MIGRATIONS):
-            raise DatabaseError(
-                f"{self.path}: schema version {version} is newer than this cdtwist knows ({len(MIGRATIONS)})"
-            )
-        for number in range(version + 1, len(MIGRATIONS) + 1):
-            with self._write_lock:
+        with self._write_lock:
+            conn = self._writer_connection()
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise DatabaseError(f"{self.path}: cannot use WAL journal (got {mode})")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise DatabaseError(
+                    f"{self.path}: schema version {version} is newer than this cdtwist knows ({len(MIGRATIONS)})"
+                )
+            for number in range(version + 1, len(MIGRATIONS) + 1):
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     for statement in _statements(MIGRATIONS[number - 1]):
@@ -136,7 +146,7 @@ class DB:
                 except BaseException:
                     conn.execute("ROLLBACK")
                     raise
-            log.info("migrated metadata schema", path=self.path, version=number)
+                log.info("migrated metadata schema", path=self.path, version=number)
         return len(MIGRATIONS)
 
     def close(self) -> None:
@@ -149,46 +159,76 @@ class DB:
             except sqlite3.ProgrammingError:
                 pass
 
-    def _connection(self) -> sqlite3.Connection:
+    def _connect(self) -> sqlite3.Connection:
         if self._closed:
             raise DatabaseError(f"{self.path}: database is closed")
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(
-                self.path,
-                timeout=self.busy_timeout,
-                isolation_level=None,  # we issue BEGIN/COMMIT ourselves
-                check_same_thread=False,  # only so close() may run elsewhere
-            )
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            self._local.conn = conn
-            with self._connections_lock:
-                self._connections.append(conn)
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self.busy_timeout,
+            isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+            check_same_thread=False,  # pooled: used by one thread at a time, any thread
+        )
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        with self._connections_lock:
+            self._connections.append(conn)
         return conn
+
+    def _writer_connection(self) -> sqlite3.Connection:
+        """Only with ``_write_lock`` held."""
+        if self._writer is None:
+            self._writer = self._connect()
+        if self._closed:
+            raise DatabaseError(f"{self.path}: database is closed")
+        return self._writer
 
     # -- transactions ------------------------------------------------------
 
     def view(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in a read transaction: a consistent snapshot."""
-        conn = self._connection()
-        conn.execute("BEGIN")
+        current: sqlite3.Connection | None = getattr(self._local, "tx", None)
+        if current is not None:
+            return fn(current)
+        self._reader_slots.acquire()
         try:
-            return fn(conn)
+            try:
+                conn = self._readers.get_nowait()
+            except queue.Empty:
+                conn = self._connect()
+            self._local.tx = conn
+            try:
+                conn.execute("BEGIN")
+                try:
+                    return fn(conn)
+                finally:
+                    conn.execute("COMMIT")
+            finally:
+                self._local.tx = None
+                if not self._closed:
+                    self._readers.put(conn)
         finally:
-            conn.execute("COMMIT")
+            self._reader_slots.release()
 
     def update(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in the write transaction; any exception rolls it back."""
-        conn = self._connection()
+        current: sqlite3.Connection | None = getattr(self._local, "tx", None)
+        if current is not None:
+            if current is not self._writer:
+                raise DatabaseError("cannot write inside a read transaction")
+            return fn(current)
         with self._write_lock:
-            conn.execute("BEGIN IMMEDIATE")
+            conn = self._writer_connection()
+            self._local.tx = conn
             try:
-                result = fn(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = fn(conn)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            finally:
+                self._local.tx = None
         for hook in list(self._commit_hooks):
             hook()
         return result
