@@ -98,6 +98,7 @@ class Daemon(OrderedMultiService):
             io_pool=self.io_pool,
             metrics_registry=self.metrics_registry,
             histogram=config.metrics.grpc_histogram,
+            bridge_socket=os.path.join(config.state, "grpc-tcp.sock"),
         )
         self.grpc.setServiceParent(self)
         self.ttrpc = TTRPCServerService(

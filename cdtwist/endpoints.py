@@ -25,7 +25,10 @@ def _escape(value: str) -> str:
 
 
 def is_unix_path(address: str) -> bool:
-    return address.startswith("/") or address.startswith("./")
+    """A bare path: absolute, or relative without a colon (a colon means host:port or an endpoint)."""
+    if address.startswith("/") or address.startswith("./"):
+        return True
+    return bool(address) and ":" not in address
 
 
 def server_description(address: str, *, unix_mode: int = 0o660) -> str:
@@ -58,3 +61,12 @@ def unix_path(address: str) -> str | None:
         raw = re.split(r"(?<!\\):", address[len("unix:"):], maxsplit=1)[0]
         return raw.replace("\\:", ":").replace("\\=", "=").replace("\\\\", "\\")
     return None
+
+
+def unix_mode(address: str, default: int = 0o660) -> int:
+    """The ``mode=`` of a ``unix:`` endpoint string (octal, as Twisted reads it), else ``default``."""
+    if address.startswith("unix:"):
+        for part in re.split(r"(?<!\\):", address[len("unix:"):])[1:]:
+            if part.startswith("mode="):
+                return int(part[len("mode="):], 8)
+    return default

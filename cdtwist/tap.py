@@ -15,6 +15,7 @@ from twisted.python import usage
 from cdtwist import SERVER_VERSION
 from cdtwist.config import Config, ConfigError, Overrides, load
 from cdtwist.daemon import Daemon
+from cdtwist.errors import CdtwistError
 from cdtwist.log import make_observer, parse_level
 from cdtwist.plugin import PluginError, Registration, registry
 from cdtwist.plugin.graph import graph
@@ -82,13 +83,16 @@ def makeService(options: Options) -> Daemon:  # noqa: N802 - twistd's name
     def reload_config() -> Config:
         return load_config(options)
 
-    daemon = Daemon(
-        config,
-        ordered,
-        decode_config=config.plugin_config,
-        log_observer=log_observer,
-        reload_config=reload_config,
-    )
-    return daemon
+    try:
+        return Daemon(
+            config,
+            ordered,
+            decode_config=config.plugin_config,
+            log_observer=log_observer,
+            reload_config=reload_config,
+        )
+    except CdtwistError as e:
+        print(f"cdtwist: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 

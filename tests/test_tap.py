@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from cdtwist import cli, config, tap
 from cdtwist.daemon import Daemon
-from cdtwist.endpoints import server_description, unix_path
+from cdtwist.endpoints import server_description, unix_mode, unix_path
 from cdtwist.errors import InvalidArgument
 from cdtwist.mounts import cleanup_temp_mounts, mountpoints
 
@@ -123,7 +123,13 @@ class EndpointTests(SynchronousTestCase):
 
     def test_garbage_rejected(self) -> None:
         self.assertRaises(InvalidArgument, server_description, "")
-        self.assertRaises(InvalidArgument, server_description, "not an address")
+        self.assertRaises(InvalidArgument, server_description, "1.2.3.4:http")
+        self.assertEqual(server_description("relative/api.sock"), "unix:relative/api.sock:mode=660")
+
+    def test_unix_mode(self) -> None:
+        self.assertEqual(unix_mode("unix:/a/b.sock:mode=600:lockfile=0"), 0o600)
+        self.assertEqual(unix_mode("unix:/a/b.sock"), 0o660)
+        self.assertEqual(unix_mode("/a/b.sock", 0o640), 0o640)
 
     def test_unix_path(self) -> None:
         self.assertEqual(unix_path("/a/b.sock"), "/a/b.sock")

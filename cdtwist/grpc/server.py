@@ -19,6 +19,8 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.threads import deferToThreadPool
 
+from cdtwist.endpoints import server_description, unix_mode, unix_path
+from cdtwist.errors import InvalidArgument
 from cdtwist.grpc.interceptors import ErrorAndMetricsInterceptor, GRPCMetrics
 from cdtwist.log import get_logger
 from cdtwist.sockets import prepare_unix_path, remove_socket, secure_socket
@@ -51,6 +53,7 @@ class GRPCServerService(Service):
         metrics_registry: CollectorRegistry | None = None,
         histogram: bool = False,
         workers: int = DEFAULT_WORKERS,
+        bridge_socket: str = "",
     ) -> None:
         self.config = grpc_config
         self.servicers = servicers
@@ -61,10 +64,19 @@ class GRPCServerService(Service):
         self.server: grpc.Server | None = None
         self.tcp_server: grpc.Server | None = None
         self.executor: ThreadPoolExecutor | None = None
-        self.address: str = grpc_config.address
-        self.tcp_port: int | None = None
+        path = unix_path(grpc_config.address)
+        if path is None:
+            raise InvalidArgument(
+                f"grpc.address {grpc_config.address!r}: the API socket must be a UNIX socket "
+                "(use tcp_address for TCP)"
+            )
+        self.address: str = path
+        self.mode = unix_mode(grpc_config.address)
         #: only a socket this service bound is removed on stop, never another daemon's.
         self._bound = False
+        self._bridge_bound = False
+        self.bridge_socket = bridge_socket or self.address + ".tcp-bridge"
+        self.bridge: Any = None
 
     def queue_length(self) -> int:
         """Calls accepted but waiting for a worker (the debug socket shows it)."""
@@ -102,31 +114,35 @@ class GRPCServerService(Service):
         if server.add_insecure_port("unix:" + self.address) == 0:
             raise OSError(f"failed to listen on {self.address}")
         self._bound = True
-        secure_socket(self.address, cfg.uid, cfg.gid)
+        secure_socket(self.address, cfg.uid, cfg.gid, self.mode)
         server.start()
         self.server = server
         if cfg.tcp_address:
+            # grpcio binds only a private UNIX socket; Twisted owns the TCP
+            # listener (TLS with verified client certificates, or any endpoint
+            # string) and bridges each connection to it.
             tcp = self._new_server()
             _register(tcp, instances, "register_tcp")
-            self.tcp_port = tcp.add_secure_port(cfg.tcp_address, self._tls()) if cfg.tcp_tls_cert else (
-                tcp.add_insecure_port(cfg.tcp_address)
-            )
-            if not self.tcp_port:
-                raise OSError(f"failed to listen on tcp {cfg.tcp_address}")
+            prepare_unix_path(self.bridge_socket)
+            if tcp.add_insecure_port("unix:" + self.bridge_socket) == 0:
+                raise OSError(f"failed to listen on {self.bridge_socket}")
+            self._bridge_bound = True
+            secure_socket(self.bridge_socket, mode=0o600)
             tcp.start()
             self.tcp_server = tcp
 
-    def _tls(self) -> grpc.ServerCredentials:
+    def tcp_description(self) -> str:
+        """The Twisted endpoint the TCP API listens on (TLS when configured)."""
         cfg = self.config
-        with open(cfg.tcp_tls_key, "rb") as f:
-            key = f.read()
-        with open(cfg.tcp_tls_cert, "rb") as f:
-            cert = f.read()
-        ca = None
-        if cfg.tcp_tls_ca:
-            with open(cfg.tcp_tls_ca, "rb") as f:
-                ca = f.read()
-        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=bool(ca))
+        from cdtwist.tls import PREFIX, tls_server_description
+
+        address = cfg.tcp_address
+        if address.startswith(PREFIX + ":") or address.startswith("ssl:"):
+            return address
+        inner = server_description(address)
+        if cfg.tcp_tls_cert or cfg.tcp_tls_key:
+            return tls_server_description(inner, cfg.tcp_tls_cert, cfg.tcp_tls_key, cfg.tcp_tls_ca or None)
+        return inner
 
     def startService(self) -> Deferred[None]:  # noqa: N802
         Service.startService(self)
@@ -140,9 +156,18 @@ class GRPCServerService(Service):
             raise
         log.info("serving...", address=self.address)
         if self.tcp_server is not None:
+            from cdtwist.bridge import BridgeService
+
+            bridge = BridgeService(self.reactor, self.tcp_description(), self.bridge_socket)
+            try:
+                await bridge.startService()
+            except BaseException:
+                await self.stopService()
+                raise
+            self.bridge = bridge
             log.info("serving...", address=self.config.tcp_address)
 
-    def _stop_blocking(self) -> None:
+    def _begin_stop(self) -> None:
         # Stop both first so their grace periods run side by side; new calls
         # are refused from here on, unary calls in flight finish.
         events = [s.stop(STOP_GRACE) for s in (self.server, self.tcp_server) if s is not None]
@@ -154,6 +179,8 @@ class GRPCServerService(Service):
                 drain()
         for event in events:
             event.wait(STOP_GRACE + 1)
+
+    def _finish_stop(self) -> None:
         self.server = self.tcp_server = None
         if self.executor is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
@@ -161,10 +188,26 @@ class GRPCServerService(Service):
         if self._bound:
             remove_socket(self.address)
             self._bound = False
+        if self._bridge_bound:
+            remove_socket(self.bridge_socket)
+            self._bridge_bound = False
+
+    def _stop_blocking(self) -> None:
+        self._begin_stop()
+        self._finish_stop()
 
     def stopService(self) -> Deferred[None]:  # noqa: N802
         Service.stopService(self)
-        return deferToThreadPool(self.reactor, self.io_pool, self._stop_blocking)
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        # Calls in flight over TCP drain through the bridge during the grace
+        # period; only then are the bridged connections cut.
+        await deferToThreadPool(self.reactor, self.io_pool, self._begin_stop)
+        bridge, self.bridge = self.bridge, None
+        if bridge is not None:
+            await bridge.stopService()
+        await deferToThreadPool(self.reactor, self.io_pool, self._finish_stop)
 
 
 class _RecordingServer:

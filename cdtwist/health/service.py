@@ -35,6 +35,10 @@ class HealthPlugin:
     def register_grpc(self, server: grpc.Server) -> None:
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
 
+    #: Also on ``[grpc].tcp_address``: read-only answers remote tooling needs
+    #: (containerd 1.6 serves no built-in service there; cdtwist offers these).
+    register_tcp = register_grpc
+
     def stop(self) -> None:
         self.servicer.enter_graceful_shutdown()
 

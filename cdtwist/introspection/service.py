@@ -117,6 +117,10 @@ class IntrospectionGRPC:
     def register_grpc(self, server: grpc.Server) -> None:
         api_grpc.add_IntrospectionServicer_to_server(self.service, server)
 
+    #: Also on ``[grpc].tcp_address``: read-only answers remote tooling needs
+    #: (containerd 1.6 serves no built-in service there; cdtwist offers these).
+    register_tcp = register_grpc
+
 
 def _init_service(ic: InitContext) -> IntrospectionService:
     return IntrospectionService(ic.plugins, ic.root)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
 
-from cdtwist.endpoints import server_endpoint, unix_path
+from cdtwist.endpoints import server_endpoint, unix_mode, unix_path
 from cdtwist.log import get_logger
 from cdtwist.ttrpc.server import Services, TTRPCServerFactory, listen_ttrpc
 
@@ -55,7 +55,9 @@ class TTRPCServerService(Service):
         path = unix_path(self.address)
         if path is not None:
             self.factory = TTRPCServerFactory(services, reactor=self.reactor)
-            self.port = await listen_ttrpc(self.reactor, path, self.factory, self.uid, self.gid)
+            self.port = await listen_ttrpc(
+                self.reactor, path, self.factory, self.uid, self.gid, mode=unix_mode(self.address)
+            )
         else:
             log.warn("ttrpc served without a peer credential check", address=self.address)
             self.factory = TTRPCServerFactory(services, reactor=self.reactor, require_peer=None)

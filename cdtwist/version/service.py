@@ -23,6 +23,10 @@ class VersionService(version_pb2_grpc.VersionServicer):
     def register_grpc(self, server: grpc.Server) -> None:
         version_pb2_grpc.add_VersionServicer_to_server(self, server)
 
+    #: Also on ``[grpc].tcp_address``: read-only answers remote tooling needs
+    #: (containerd 1.6 serves no built-in service there; cdtwist offers these).
+    register_tcp = register_grpc
+
     def Version(  # noqa: N802 - generated API
         self, request: empty_pb2.Empty, context: grpc.ServicerContext
     ) -> version_pb2.VersionResponse:
