@@ -12,7 +12,7 @@ from __future__ import annotations
 import grpc
 from google.rpc import status_pb2
 
-from cdtwist.errors import CdtwistError, Unavailable, from_grpc_code
+from cdtwist.errors import CdtwistError, GRPCStatus, Unavailable, from_grpc_code
 
 __all__ = [
     "ClosedError",
@@ -30,16 +30,8 @@ def code_of(value: int) -> grpc.StatusCode:
     return _BY_VALUE.get(value, grpc.StatusCode.UNKNOWN)
 
 
-class StatusError(CdtwistError):
-    """A status with an explicit code, for codes cdtwist.errors has no class for.
-
-    ``str()`` is the peer's message verbatim; ``code`` is an instance
-    attribute, so :func:`cdtwist.errors.to_grpc_code` still sees it.
-    """
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        self.code = code
-        super().__init__(message)
+#: A status with an explicit code, for codes cdtwist.errors has no class for.
+StatusError = GRPCStatus
 
 
 class ClosedError(Unavailable):
