@@ -106,7 +106,7 @@ class Daemon(OrderedMultiService):
         )
         self.ttrpc.setServiceParent(self)
         if config.metrics.address:
-            MetricsService(config.metrics.address, self.metrics_registry, reactor).setServiceParent(self)
+            MetricsService(config.metrics.address, self.metrics_registry, reactor, self.io_pool).setServiceParent(self)
         if config.debug.address:
             DebugService(
                 config.debug.address,

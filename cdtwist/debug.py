@@ -16,19 +16,15 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 
-from cdtwist.endpoints import server_endpoint, unix_path
-from cdtwist.log import dump_stacks, get_logger
+from cdtwist.log import dump_stacks
+from cdtwist.web import WebService
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IListeningPort
     from twisted.python.threadpool import ThreadPool
     from twisted.web.server import Request, Site
 
-log = get_logger(__name__)
 
 #: Extra counters: name -> callable run on the reactor thread.
 Counters = dict[str, Callable[[], Any]]
@@ -104,42 +100,13 @@ def debug_site(reactor: Any, pool: ThreadPool, counters: Counters) -> Site:
     return site
 
 
-class DebugService(Service):
+class DebugService(WebService):
     name = "debug"
 
     def __init__(self, address: str, uid: int, gid: int, reactor: Any, pool: ThreadPool,
                  counters: Counters | None = None) -> None:
-        self.address = address
-        self.uid = uid
-        self.gid = gid
-        self.reactor = reactor
-        self.pool = pool
+        super().__init__(address, reactor, pool, uid, gid)
         self.counters: Counters = counters or {}
-        self.port: IListeningPort | None = None
 
-    def startService(self) -> Deferred[None]:  # noqa: N802
-        Service.startService(self)
-        return ensureDeferred(self._listen())
-
-    async def _listen(self) -> None:
-        from cdtwist.sockets import prepare_unix_path, secure_socket
-
-        path = unix_path(self.address)
-        if path:
-            await deferToThreadPool(self.reactor, self.pool, prepare_unix_path, path, self.uid, self.gid)
-        site = debug_site(self.reactor, self.pool, self.counters)
-        self.port = await server_endpoint(self.reactor, self.address).listen(site)
-        if path:
-            await deferToThreadPool(self.reactor, self.pool, secure_socket, path, self.uid, self.gid)
-        log.info("debugging served", address=self.address)
-
-    def stopService(self) -> Deferred[None]:  # noqa: N802
-        Service.stopService(self)
-        port, self.port = self.port, None
-        if port is None:
-            return succeed(None)
-        return Deferred.fromCoroutine(_stop(port))
-
-
-async def _stop(port: IListeningPort) -> None:
-    await port.stopListening()
+    def site(self) -> Site:
+        return debug_site(self.reactor, self.pool, self.counters)

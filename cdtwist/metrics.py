@@ -1,25 +1,31 @@
 # -*- test-case-name: tests.test_metrics -*-
 """Prometheus metrics over HTTP on ``[metrics].address`` at ``/v1/metrics``.
 
-Served by twisted.web on the reactor (prometheus-client's Twisted
-resource renders in a thread), so scraping never touches the gRPC pool.
+Served by twisted.web on the reactor; the exposition is rendered in the
+I/O pool (collectors read /proc), so scraping never blocks the reactor nor
+touches the gRPC pool.  Works on TCP and UNIX sockets alike.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from twisted.internet.threads import deferToThreadPool
 
-from cdtwist.endpoints import server_endpoint
-from cdtwist.log import get_logger
+from cdtwist.web import WebService
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IListeningPort
+    from twisted.python.threadpool import ThreadPool
+    from twisted.web.server import Site
 
-log = get_logger(__name__)
 
 METRICS_PATH = b"v1"
 
@@ -32,41 +38,40 @@ def new_registry() -> CollectorRegistry:
     return registry
 
 
-class MetricsService(Service):
+class MetricsService(WebService):
     name = "metrics"
 
-    def __init__(self, address: str, registry: CollectorRegistry, reactor: Any) -> None:
-        self.address = address
+    def __init__(self, address: str, registry: CollectorRegistry, reactor: Any, pool: ThreadPool) -> None:
+        super().__init__(address, reactor, pool)
         self.registry = registry
-        self.reactor = reactor
-        self.port: IListeningPort | None = None
 
-    def startService(self) -> Deferred[None]:  # noqa: N802
-        Service.startService(self)
-        return ensureDeferred(self._listen())
-
-    async def _listen(self) -> None:
-        from prometheus_client.twisted import MetricsResource
+    def site(self) -> Site:
         from twisted.web.resource import Resource
-        from twisted.web.server import Site
+        from twisted.web.server import NOT_DONE_YET, Request, Site
+
+        registry, reactor, pool = self.registry, self.reactor, self.pool
+
+        class Exposition(Resource):
+            """Prometheus text format, rendered in the pool (collectors read /proc)."""
+
+            isLeaf = True
+
+            def render_GET(self, request: Request) -> object:  # noqa: N802
+                def done(body: bytes) -> None:
+                    request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+                    request.write(body)
+                    request.finish()
+
+                def failed(failure: Any) -> None:
+                    request.setResponseCode(500)
+                    request.write(str(failure.value).encode())
+                    request.finish()
+
+                deferToThreadPool(reactor, pool, generate_latest, registry).addCallbacks(done, failed)
+                return NOT_DONE_YET
 
         root = Resource()
         v1 = Resource()
         root.putChild(METRICS_PATH, v1)
-        v1.putChild(b"metrics", MetricsResource(registry=self.registry))
-        site = Site(root)
-        site.noisy = False
-        endpoint = server_endpoint(self.reactor, self.address, unix_mode=0o660)
-        self.port = await endpoint.listen(site)
-        log.info("serving metrics", address=self.address)
-
-    def stopService(self) -> Deferred[None]:  # noqa: N802
-        Service.stopService(self)
-        port, self.port = self.port, None
-        if port is None:
-            return succeed(None)
-        return Deferred.fromCoroutine(_stop(port))
-
-
-async def _stop(port: IListeningPort) -> None:
-    await port.stopListening()
+        v1.putChild(b"metrics", Exposition())
+        return Site(root)
