@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -182,26 +182,26 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
         labels = (_rpc_type(handler), service, name)
         metrics = _MethodMetrics(self.metrics, labels) if self.metrics is not None else None
 
-        def counted_requests(requests: Iterator[Any], call: _Call) -> Iterator[Any]:
-            for request in requests:
-                call.received()
-                yield request
-
-        def run_unary(behavior: Callable[..., Any], request: Any, context: grpc.ServicerContext) -> Any:
+        def begin(request: Any) -> tuple[_Call, Any]:
             call = _Call(metrics)
             if not handler.request_streaming:
                 call.received()
-            else:
-                request = counted_requests(request, call)
+                return call, request
+            return call, _counted(request, call)
+
+        def failed(call: _Call, err: Exception, context: grpc.ServicerContext) -> NoReturn:
+            if _is_abort(err, context):
+                call.done(_status_of(context))
+                raise err
+            call.done(_code_for(err))
+            _fail(context, err, method)
+
+        def run_unary(behavior: Callable[..., Any], request: Any, context: grpc.ServicerContext) -> Any:
+            call, request = begin(request)
             try:
                 response = behavior(request, context)
             except Exception as e:
-                if _is_abort(e, context):
-                    call.done(_status_of(context))
-                    raise
-                code = _code_for(e)
-                call.done(code)
-                _fail(context, e, method)
+                failed(call, e, context)
             call.sent()
             call.done(_status_of(context))
             return response
@@ -209,50 +209,40 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
         def run_stream(
             behavior: Callable[..., Iterator[Any]], request: Any, context: grpc.ServicerContext
         ) -> Iterator[Any]:
-            call = _Call(metrics)
-            if not handler.request_streaming:
-                call.received()
-            else:
-                request = counted_requests(request, call)
+            call, request = begin(request)
             try:
                 for response in behavior(request, context):
                     call.sent()
                     yield response
             except Exception as e:
-                if _is_abort(e, context):
-                    call.done(_status_of(context))
-                    raise
-                call.done(_code_for(e))
-                _fail(context, e, method)
+                failed(call, e, context)
             call.done(_status_of(context))
 
-        if handler.unary_unary:
-            inner = handler.unary_unary
-            return grpc.unary_unary_rpc_method_handler(
-                lambda req, ctx: run_unary(inner, req, ctx),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_unary:
-            inner = handler.stream_unary
-            return grpc.stream_unary_rpc_method_handler(
-                lambda req, ctx: run_unary(inner, req, ctx),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.unary_stream:
-            inner = handler.unary_stream
-            return grpc.unary_stream_rpc_method_handler(
-                lambda req, ctx: run_stream(inner, req, ctx),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        inner = handler.stream_stream
-        return grpc.stream_stream_rpc_method_handler(
-            lambda req, ctx: run_stream(inner, req, ctx),
-            handler.request_deserializer,
-            handler.response_serializer,
-        )
+        for kind, make, run in _KINDS:
+            inner = getattr(handler, kind)
+            if inner is not None:
+                runner = run_unary if run == "unary" else run_stream
+                return make(
+                    lambda req, ctx, inner=inner, runner=runner: runner(inner, req, ctx),
+                    handler.request_deserializer,
+                    handler.response_serializer,
+                )
+        raise AssertionError(f"{method}: handler without behaviour")
+
+
+def _counted(requests: Iterator[Any], call: _Call) -> Iterator[Any]:
+    for request in requests:
+        call.received()
+        yield request
+
+
+#: handler attribute, its grpcio constructor, and whether the response streams.
+_KINDS = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler, "unary"),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler, "unary"),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler, "stream"),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler, "stream"),
+)
 
 
 def _code_for(err: BaseException) -> grpc.StatusCode:
