@@ -181,8 +181,15 @@ class Daemon(OrderedMultiService):
         for mountpoint in cleanup_temp_mounts(os.path.join(cfg.root, "tmpmounts")):
             log.info("unmounted leftover temp mount", mountpoint=mountpoint)
         if cfg.oom_score:
-            with open("/proc/self/oom_score_adj", "w") as f:
-                f.write(str(cfg.oom_score))
+            try:
+                with open("/proc/self/oom_score_adj", "w") as f:
+                    f.write(str(cfg.oom_score))
+            except PermissionError:
+                # containerd fails here too; say why.
+                raise BootError(
+                    f"failed to apply oom_score {cfg.oom_score}: permission denied "
+                    "(lowering it needs CAP_SYS_RESOURCE)"
+                ) from None
 
     def _lock_root(self) -> None:
         path = os.path.join(self.config.root, LOCK_FILE)
