@@ -55,3 +55,66 @@ class BootTests(unittest.TestCase):
         daemon.start(wait=False)
         self.assertEqual(daemon.wait_exit(), 1)
         self.assertIn("failed to apply oom_score -999: permission denied", daemon.log())
+
+
+PLUGIN_DIR_MODULE = '''
+from cdtwist.plugin import Registration, SkipPlugin, register
+
+def _skip(ic):
+    raise SkipPlugin("no frobnicator on this machine")
+
+def _fail(ic):
+    raise RuntimeError("frobnicator exploded")
+
+register(Registration(type="io.example.v1", id="hello", init=lambda ic: object()))
+register(Registration(type="io.example.v1", id="skipper", init=_skip))
+register(Registration(type="io.example.v1", id="broken", init=_fail))
+'''
+
+ENTRY_POINT_MODULE = '''
+from cdtwist.plugin import Registration, register
+
+register(Registration(type="io.example.v1", id="from-entry-point", init=lambda ic: object()))
+'''
+
+
+class EntryPointDaemon(CdtwistDaemon):
+    def __init__(self, site: str, extra_config: str) -> None:
+        self.site = site
+        super().__init__(None, extra_config)
+
+    def environment(self) -> dict[str, str]:
+        env = super().environment()
+        env["PYTHONPATH"] = env["PYTHONPATH"] + os.pathsep + self.site
+        return env
+
+
+class ExtraPluginTests(unittest.TestCase):
+    def test_plugin_dir_and_entry_points_show_in_introspection(self) -> None:
+        site = self.mktemp()
+        plugins = os.path.join(site, "plugins")
+        os.makedirs(plugins)
+        with open(os.path.join(plugins, "example.py"), "w") as f:
+            f.write(PLUGIN_DIR_MODULE)
+        with open(os.path.join(site, "cdtwist_example_ep.py"), "w") as f:
+            f.write(ENTRY_POINT_MODULE)
+        dist = os.path.join(site, "cdtwist_example_ep-1.0.dist-info")
+        os.makedirs(dist)
+        with open(os.path.join(dist, "METADATA"), "w") as f:
+            f.write("Metadata-Version: 2.1\nName: cdtwist-example-ep\nVersion: 1.0\n")
+        with open(os.path.join(dist, "entry_points.txt"), "w") as f:
+            f.write("[cdtwist.plugins]\nexample = cdtwist_example_ep\n")
+        daemon = manage(self, EntryPointDaemon(os.path.abspath(site), f'plugin_dir = "{os.path.abspath(plugins)}"\n'))
+        rows = {}
+        for line in daemon.ctr("plugins", "ls").ok().stdout.splitlines()[1:]:
+            fields = line.split()
+            rows[(fields[0], fields[1])] = fields[-1]
+        self.assertEqual(rows[("io.example.v1", "hello")], "ok")
+        self.assertEqual(rows[("io.example.v1", "skipper")], "skip")
+        self.assertEqual(rows[("io.example.v1", "broken")], "error")
+        self.assertEqual(rows[("io.example.v1", "from-entry-point")], "ok")
+        details = daemon.ctr("plugins", "ls", "-d", "id==broken").ok().stdout
+        self.assertIn("frobnicator exploded", details)
+        self.assertIn("Code:", details)
+        skipped = daemon.ctr("plugins", "ls", "-d", "id==skipper").ok().stdout
+        self.assertIn("no frobnicator on this machine: skip plugin", skipped)
