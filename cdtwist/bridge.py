@@ -201,6 +201,7 @@ class StreamBridgeProtocol(_End):
     def connectionMade(self) -> None:  # noqa: N802
         self.owner = self.factory
         self.factory.bridges.add(self)
+        _no_delay(self.transport)
         if not isinstance(self.transport, TLSMemoryBIOProtocol):
             self._dial()
         # else: wait for handshakeCompleted, so refused peers never reach the backend.
@@ -405,3 +406,20 @@ class BridgeService(Service):
         d.addCallback(lambda _: self.factory.close_all(self.close_timeout))
         d.addCallback(lambda _: None)
         return d
+
+
+def _no_delay(transport: object) -> None:
+    """Disable Nagle on the client's TCP socket (through a TLS wrapper too).
+
+    gRPC writes small frames and waits for answers: with Nagle and the peer's
+    delayed ACK every call would stall ~40 ms.
+    """
+    while transport is not None:
+        set_no_delay = getattr(type(transport), "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(transport, True)
+            except OSError:
+                pass  # not a TCP socket (a UNIX endpoint): nothing to tune
+            return
+        transport = getattr(transport, "transport", None)
