@@ -21,12 +21,18 @@ ENTRY_POINT_GROUP = "cdtwist.plugins"
 #: Built-in plugin modules, in registration order (which breaks graph ties,
 #: as containerd's init order does).
 BUILTIN_MODULES = (
-    "cdtwist.events.exchange",
+    # storage first, as containerd registers them
+    "cdtwist.content.plugin",
     "cdtwist.metadata.plugin",
+    "cdtwist.events.exchange",
+    "cdtwist.gc.scheduler",
+    # then service + gRPC pairs, in containerd's (alphabetical) order
     "cdtwist.introspection.service",
-    "cdtwist.namespaces.service",
+    "cdtwist.content.service",
     "cdtwist.events.service",
     "cdtwist.health.service",
+    "cdtwist.leases.service",
+    "cdtwist.namespaces.service",
     "cdtwist.version.service",
 )
 

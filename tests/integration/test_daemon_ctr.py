@@ -14,6 +14,8 @@ import os
 import re
 import signal
 import stat
+import subprocess
+import sys
 import time
 import urllib.request
 from typing import Any
@@ -24,6 +26,7 @@ from twisted.trial import unittest
 
 from tests.integration.harness import (
     DATA_DIR,
+    REPO_ROOT,
     BackgroundCtr,
     CdtwistDaemon,
     ContainerdDaemon,
@@ -237,10 +240,18 @@ class VersionAndPluginsTests(unittest.TestCase):
 
     def test_plugins_ls_matches_registrations_in_load_order(self) -> None:
         """Every enabled registration is listed, in the order the daemon loads them."""
-        from cdtwist.config import Config
-        from cdtwist.tap import load_registrations
-
-        expected = [(reg.type, reg.id) for reg in load_registrations(Config())]
+        # In a fresh interpreter: other tests may have imported more plugin
+        # modules into this process's registry.
+        script = (
+            "from cdtwist.config import Config\n"
+            "from cdtwist.tap import load_registrations\n"
+            "for reg in load_registrations(Config()): print(reg.type, reg.id)\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True,
+            env=dict(os.environ, PYTHONPATH=REPO_ROOT),
+        ).stdout
+        expected = [tuple(line.split()) for line in out.splitlines()]
         rows = parse_plugins_ls(CDTWIST.get(self).ctr("plugins", "ls").ok().stdout)
         self.assertEqual([(t, i) for t, i, _, _ in rows], expected)
 

@@ -1,0 +1,1 @@
+"""Leases: holding resources against garbage collection (containerd's ``leases`` and ``services/leases``)."""
