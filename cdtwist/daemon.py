@@ -32,7 +32,7 @@ from cdtwist.debug import DebugService
 from cdtwist.grpc.server import GRPCServerService
 from cdtwist.log import LogObserver, dump_stacks, get_logger
 from cdtwist.metrics import MetricsService, new_registry
-from cdtwist.mounts import cleanup_temp_mounts
+from cdtwist.mount import cleanup_temp_mounts, set_temp_mount_location
 from cdtwist.plugin import Registration
 from cdtwist.plugin.service import OrderedMultiService, PluginTree
 from cdtwist.ttrpc.service import TTRPCServerService
@@ -178,7 +178,9 @@ class Daemon(OrderedMultiService):
         self._lock_root()
         if cfg.temp:
             os.makedirs(cfg.temp, 0o711, exist_ok=True)
-        for mountpoint in cleanup_temp_mounts(os.path.join(cfg.root, "tmpmounts")):
+        tmpmounts = os.path.join(cfg.root, "tmpmounts")
+        set_temp_mount_location(tmpmounts)
+        for mountpoint in cleanup_temp_mounts(tmpmounts):
             log.info("unmounted leftover temp mount", mountpoint=mountpoint)
         if cfg.oom_score:
             try:

@@ -1,4 +1,4 @@
-"""Tests for :mod:`cdtwist.snapshots.mount` (ports of containerd's ``mount`` tests, plus real mounts)."""
+"""Tests for :mod:`cdtwist.mount` (ports of containerd's ``mount`` tests, plus real mounts)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import threading
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from cdtwist import mount as m
 from cdtwist.errors import CdtwistError, NotFound
-from cdtwist.snapshots import mount as m
-from cdtwist.snapshots.mount import (
+from cdtwist.mount import (
     MS_BIND,
     MS_NOSUID,
     MS_RDONLY,

@@ -8,9 +8,9 @@ import stat
 from twisted.trial.unittest import SynchronousTestCase
 
 from cdtwist.errors import AlreadyExists, CdtwistError, FailedPrecondition, NotFound
+from cdtwist.mount import Mount
 from cdtwist.snapshots import Cleaner, Kind, Usage
 from cdtwist.snapshots import fs as sfs
-from cdtwist.snapshots.mount import Mount
 from cdtwist.snapshots.native import NativeSnapshotter
 from tests.test_snapshots_suite import (
     apply_all,

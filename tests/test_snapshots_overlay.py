@@ -12,9 +12,9 @@ import stat
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from cdtwist.errors import AlreadyExists, CdtwistError, FailedPrecondition, NotFound
+from cdtwist.mount import Mount, mount_all, unmount_all
 from cdtwist.snapshots import Cleaner, Info, Kind, Usage, overlay
 from cdtwist.snapshots import fs as sfs
-from cdtwist.snapshots.mount import Mount, mount_all, unmount_all
 from cdtwist.snapshots.overlay import UPPERDIR_KEY, OverlaySnapshotter
 from cdtwist.snapshots.storage import DB_FILE
 from tests.test_snapshots_suite import SnapshotterTestMixin

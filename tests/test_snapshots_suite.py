@@ -27,8 +27,8 @@ from datetime import UTC, datetime
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from cdtwist.errors import CdtwistError, FailedPrecondition, InvalidArgument
+from cdtwist.mount import MNT_DETACH, Mount, mount_all, mounted_under, unmount, unmount_all
 from cdtwist.snapshots import Info, Kind, Snapshotter
-from cdtwist.snapshots.mount import MNT_DETACH, Mount, mount_all, mounted_under, unmount, unmount_all
 from cdtwist.snapshots.native import NativeSnapshotter
 from cdtwist.snapshots.overlay import OverlaySnapshotter
 

@@ -12,7 +12,7 @@ from cdtwist import cli, config, tap
 from cdtwist.daemon import Daemon
 from cdtwist.endpoints import server_description, unix_mode, unix_path
 from cdtwist.errors import InvalidArgument
-from cdtwist.mounts import cleanup_temp_mounts, mountpoints
+from cdtwist.mount import cleanup_temp_mounts, mount_table
 
 
 def write(path: str, text: str) -> str:
@@ -154,11 +154,11 @@ class MountTableTests(SynchronousTestCase):
                 )
             ),
         )
-        self.assertIn("/with space", mountpoints(info))
+        self.assertIn("/with space", [m.mountpoint for m in mount_table(info)])
         unmounted: list[str] = []
-        import cdtwist.mounts as mounts
+        import cdtwist.mount as mounts
 
-        self.patch(mounts, "unmount", lambda target, flags=0: unmounted.append(target))
+        self.patch(mounts, "_umount2", lambda target, flags=0: unmounted.append(target))
         found = cleanup_temp_mounts("/var/lib/x/tmpmounts", info)
         self.assertEqual(found, ["/var/lib/x/tmpmounts/a/b", "/var/lib/x/tmpmounts/a"])
         self.assertEqual(unmounted, found)

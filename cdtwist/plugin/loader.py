@@ -23,6 +23,7 @@ ENTRY_POINT_GROUP = "cdtwist.plugins"
 BUILTIN_MODULES = (
     # storage first, as containerd registers them
     "cdtwist.content.plugin",
+    "cdtwist.snapshots.plugin",
     "cdtwist.metadata.plugin",
     "cdtwist.events.exchange",
     "cdtwist.gc.scheduler",

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
 
+from cdtwist.errors import CdtwistError
 from cdtwist.log import get_logger
 from cdtwist.plugin import Registration, SkipPlugin
 from cdtwist.plugin.context import InitContext, Meta, Plugin, PluginSet, plugin_dirs
@@ -124,6 +125,10 @@ class PluginService(Service):
         except SkipPlugin as e:
             plugin.error = e
             plog.info('skip loading plugin "{uri}"...', uri=reg.uri, error=plugin.error_message())
+        except CdtwistError as e:
+            # An expected refusal (not configured, unsupported): one line, as containerd logs it.
+            plugin.error = e
+            plog.warn("failed to load plugin {uri}", uri=reg.uri, error=plugin.error_message())
         except Exception as e:
             plugin.error = e
             plog.failure('failed to load plugin "{uri}"', uri=reg.uri)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from cdtwist.errors import CdtwistError
-from cdtwist.snapshots.mount import Mount
+from cdtwist.mount import Mount
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 from twisted.internet.threads import deferToThreadPool
 
 from cdtwist.log import get_logger
+from cdtwist.mount import Mount
 from cdtwist.plugin import SNAPSHOTTER, Registration
 from cdtwist.snapshots import Info, Kind, Snapshotter, Usage, WalkFunc, default_platform, wrap_error
 from cdtwist.snapshots import fs as sfs
-from cdtwist.snapshots.mount import Mount
 from cdtwist.snapshots.storage import DB_FILE, MetaStore, Snapshot
 
 if TYPE_CHECKING:

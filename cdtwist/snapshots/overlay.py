@@ -23,10 +23,10 @@ from twisted.internet.threads import deferToThreadPool
 
 from cdtwist.errors import CdtwistError
 from cdtwist.log import get_logger
+from cdtwist.mount import Mount, unmount_all
 from cdtwist.plugin import SNAPSHOTTER, Registration, SkipPlugin
 from cdtwist.snapshots import Info, Kind, Snapshotter, Usage, WalkFunc, default_platform, wrap_error
 from cdtwist.snapshots import fs as sfs
-from cdtwist.snapshots.mount import Mount, unmount_all
 from cdtwist.snapshots.storage import DB_FILE, MetaStore, Snapshot, Transaction
 
 if TYPE_CHECKING:

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, NoReturn
 from twisted.internet.threads import deferToThreadPool
 
 from cdtwist.errors import CdtwistError
+from cdtwist.mount import lookup
 from cdtwist.plugin import SNAPSHOTTER, Registration, SkipPlugin
 from cdtwist.snapshots import default_platform, go_quote
-from cdtwist.snapshots.mount import lookup
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_snapshots_mount -*-
+# -*- test-case-name: tests.test_snapshots_mount,tests.test_tap -*-
 """Mounting what snapshotters return (containerd's ``mount`` package, Linux).
 
 :meth:`Mount.mount` is Go's ``Mount.Mount``: fstab-style options split into
@@ -29,7 +29,6 @@ from typing import TypeVar
 
 from cdtwist.errors import CdtwistError
 from cdtwist.log import get_logger
-from cdtwist.mounts import unmount as _umount2
 
 log = get_logger(__name__)
 
@@ -38,6 +37,13 @@ T = TypeVar("T")
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.unshare.argtypes = [ctypes.c_int]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def _umount2(target: str, flags: int = 0) -> None:
+    if _libc.umount2(os.fsencode(target), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unmount {target}: {os.strerror(err)}")
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -460,4 +466,17 @@ def mounted_under(directory: str) -> list[str]:
         m.mountpoint for m in mount_table() if m.mountpoint == directory or m.mountpoint.startswith(directory + "/")
     ]
     found.sort(key=lambda p: p.count("/"), reverse=True)
+    return found
+
+
+def cleanup_temp_mounts(directory: str, mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+    """Unmount everything below ``directory``, deepest first (containerd's CleanupTempMounts).
+
+    At boot, before anything mounts there: what is found was left by a crash.
+    """
+    prefix = directory.rstrip("/") + "/"
+    found = [m.mountpoint for m in mount_table(mountinfo) if m.mountpoint.startswith(prefix)]
+    found.sort(key=lambda p: p.count("/"), reverse=True)
+    for target in found:
+        _umount2(target, MNT_DETACH)
     return found
