@@ -92,6 +92,73 @@ MIGRATIONS: list[str] = [
         FOREIGN KEY (namespace, lease) REFERENCES leases(namespace, id) ON DELETE CASCADE
     ) WITHOUT ROWID;
     """,
+    # 3: images per namespace with their labels and target descriptor
+    # (``v1/<ns>/images/<name>`` in bolt: labels, annotations, target).
+    # Names order bytewise, as bolt's keys do; times are nanoseconds.
+    """
+    CREATE TABLE images (
+        namespace TEXT NOT NULL REFERENCES namespaces(name) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        target_media_type TEXT NOT NULL,
+        target_digest TEXT NOT NULL,
+        target_size INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (namespace, name)
+    ) WITHOUT ROWID;
+    CREATE TABLE image_labels (
+        namespace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (namespace, name, key),
+        FOREIGN KEY (namespace, name) REFERENCES images(namespace, name) ON DELETE CASCADE
+    ) WITHOUT ROWID;
+    CREATE INDEX image_labels_by_key ON image_labels(key, namespace, name);
+    CREATE TABLE image_annotations (
+        namespace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (namespace, name, key),
+        FOREIGN KEY (namespace, name) REFERENCES images(namespace, name) ON DELETE CASCADE
+    ) WITHOUT ROWID;
+    """,
+    # 4: namespaced snapshots per snapshotter (``v1/<ns>/snapshots/<snapshotter>/<key>``
+    # in bolt): the snapshotter bucket with its sequence (backend keys are
+    # ``<ns>/<seq>/<key>``), each snapshot's backend key, parent and times,
+    # and its labels.  Children are the rows naming a snapshot as parent.
+    """
+    CREATE TABLE snapshotters (
+        namespace TEXT NOT NULL REFERENCES namespaces(name) ON DELETE CASCADE,
+        snapshotter TEXT NOT NULL,
+        sequence INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (namespace, snapshotter)
+    ) WITHOUT ROWID;
+    CREATE TABLE snapshots (
+        namespace TEXT NOT NULL,
+        snapshotter TEXT NOT NULL,
+        key TEXT NOT NULL,
+        bkey TEXT NOT NULL,
+        parent TEXT NOT NULL DEFAULT '',
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (namespace, snapshotter, key),
+        FOREIGN KEY (namespace, snapshotter) REFERENCES snapshotters(namespace, snapshotter) ON DELETE CASCADE
+    ) WITHOUT ROWID;
+    CREATE INDEX snapshots_by_parent ON snapshots(namespace, snapshotter, parent);
+    CREATE INDEX snapshots_by_bkey ON snapshots(snapshotter, bkey);
+    CREATE TABLE snapshot_labels (
+        namespace TEXT NOT NULL,
+        snapshotter TEXT NOT NULL,
+        key TEXT NOT NULL,
+        label TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (namespace, snapshotter, key, label),
+        FOREIGN KEY (namespace, snapshotter, key) REFERENCES snapshots(namespace, snapshotter, key) ON DELETE CASCADE
+    ) WITHOUT ROWID;
+    CREATE INDEX snapshot_labels_by_label ON snapshot_labels(label, namespace, snapshotter, key);
+    """,
 ]
 
 

@@ -87,9 +87,24 @@ def delete(tx: sqlite3.Connection, name: str) -> None:
         raise NotFound(f'namespace "{name}"')
 
 
+def _has_images(tx: sqlite3.Connection, name: str) -> list[str]:
+    row = tx.execute("SELECT 1 FROM images WHERE namespace = ? LIMIT 1", (name,)).fetchone()
+    return ["images"] if row is not None else []
+
+
 def _has_blobs(tx: sqlite3.Connection, name: str) -> list[str]:
     row = tx.execute("SELECT 1 FROM content_blobs WHERE namespace = ? LIMIT 1", (name,)).fetchone()
     return ["blobs"] if row is not None else []
 
 
-OBJECT_CHECKS.append(_has_blobs)
+# containerd lists images first, then blobs (``listNs``).
+OBJECT_CHECKS.extend([_has_images, _has_blobs])
+
+
+def _has_snapshots(tx: sqlite3.Connection, name: str) -> list[str]:
+    rows = tx.execute("SELECT DISTINCT snapshotter FROM snapshots WHERE namespace = ? ORDER BY snapshotter", (name,))
+    return [f'snapshots on "{r[0]}" snapshotter' for r in rows]
+
+
+# After images, blobs (and containers): one entry per snapshotter holding snapshots, in key order.
+OBJECT_CHECKS.append(_has_snapshots)

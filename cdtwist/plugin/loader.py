@@ -32,6 +32,7 @@ BUILTIN_MODULES = (
     "cdtwist.content.service",
     "cdtwist.events.service",
     "cdtwist.health.service",
+    "cdtwist.images.service",
     "cdtwist.leases.service",
     "cdtwist.namespaces.service",
     "cdtwist.version.service",
