@@ -31,6 +31,9 @@ class TCPTLSTests(unittest.TestCase):
         )
         daemon.write_config(config_text=text)
         self.daemon = manage(self, daemon)
+        # `ctr version` answers as soon as the UNIX socket serves; the TCP
+        # listener comes up just after it, before the daemon reports booted.
+        daemon.wait_for_log("successfully booted", timeout=15)
 
     def version(self, cert: str | None = None, key: str | None = None) -> object:
         pki = self.pki
