@@ -532,6 +532,11 @@ class CdtwistDaemon(DaemonProcess):
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Serving on the API socket, and every listener up (the daemon logs when it is)."""
+        super().wait_ready(timeout)
+        self.wait_for_log("successfully booted", timeout=timeout if timeout is not None else self.start_timeout)
+
 
 class ContainerdDaemon(DaemonProcess):
     """The real containerd, CRI disabled and ``/opt/containerd`` redirected into the temp dir."""
