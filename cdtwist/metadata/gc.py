@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.test_gc -*-
 """The metadata reference graph and its collector (containerd's ``metadata/gc.go`` and ``DB.GarbageCollect``).
 
-Each kind of record (leases, blobs, ingests; images, containers and
-snapshots in later issues) describes its part of the graph with a
+Each kind of record (leases, blobs, ingests, images, snapshots; containers
+join the same way) describes its part of the graph with a
 :class:`ResourceKind`: which of its records are roots, what a record
 references, how to list and remove them.  :class:`Collector` marks from
 every root inside one write transaction, so nothing can gain a reference
