@@ -25,16 +25,20 @@ BUILTIN_MODULES = (
     "cdtwist.content.plugin",
     "cdtwist.snapshots.plugin",
     "cdtwist.metadata.plugin",
+    "cdtwist.diff.walking",
     "cdtwist.events.exchange",
     "cdtwist.gc.scheduler",
     # then service + gRPC pairs, in containerd's (alphabetical) order
     "cdtwist.introspection.service",
+    "cdtwist.containers.service",
     "cdtwist.content.service",
+    "cdtwist.diff.service",
     "cdtwist.events.service",
     "cdtwist.health.service",
     "cdtwist.images.service",
     "cdtwist.leases.service",
     "cdtwist.namespaces.service",
+    "cdtwist.snapshots.service",
     "cdtwist.version.service",
 )
 

@@ -1,0 +1,154 @@
+"""containerd's own ``snapshots/testsuite``, through ``snapshots/proxy``, against the real cdtwist daemon.
+
+``tests/snapshots_go/snapshots_test.go`` is compiled once per source version
+with ``go test -c`` in GOPATH mode against Debian's containerd sources
+(``/usr/share/gocode``) and cached under the temp dir.  It runs the whole
+suite on one snapshotter of a daemon, every test in a fresh namespace
+holding a lease (see the Go file).  It is run for ``overlayfs`` and
+``native`` on cdtwist, and against the real containerd as a control.  The
+tests mount what the daemon hands out: afterwards nothing may stay mounted
+under the suite's temp dir or the daemon's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from twisted.trial import unittest
+
+from cdtwist.mount import MNT_DETACH, mounted_under, unmount
+from tests.integration.harness import DaemonProcess, require_root, start_cdtwist, start_containerd
+
+GO = shutil.which("go")
+GOCODE = "/usr/share/gocode"
+SOURCE = Path(__file__).resolve().parent.parent / "snapshots_go" / "snapshots_test.go"
+BUILD_TIMEOUT = 900
+RUN_TIMEOUT = 400
+
+TESTS = [
+    "Basic",
+    "StatActive",
+    "StatComitted",
+    "TransitivityTest",
+    "PreareViewFailingtest",
+    "Update",
+    "Remove",
+    "Walk",
+    "LayerFileupdate",
+    "RemoveDirectoryInLowerLayer",
+    "Chown",
+    "DirectoryPermissionOnCommit",
+    "RemoveIntermediateSnapshot",
+    "DeletedFilesInChildSnapshot",
+    "MoveFileFromLowerLayer",
+    "ViewReadonly",
+    "StatInWalk",
+    "CloseTwice",
+    "RootPermission",
+    "128LayersMount",
+]
+#: skipped by containerd's suite itself, on every snapshotter.
+SKIPPED = ["Rename"]
+
+_binary: str | None = None
+
+
+def build_suite() -> str:
+    """The compiled test binary; built once per source version, then reused."""
+    global _binary
+    if _binary is not None:
+        return _binary
+    if GO is None:
+        raise unittest.SkipTest("go not found on PATH")
+    source = SOURCE.read_bytes()
+    base = Path(tempfile.gettempdir()) / f"cdtwist-snapshots-suite-{os.geteuid()}"
+    binary = base / hashlib.sha256(source).hexdigest()[:16] / "snapshotsgo.test"
+    if not binary.exists():
+        src = base / "gopath" / "src" / "snapshotsgo"
+        src.mkdir(parents=True, exist_ok=True)
+        (src / "snapshots_test.go").write_bytes(source)
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        tmp = binary.with_name(f".build-{os.getpid()}")
+        env = {
+            **os.environ,
+            "GO111MODULE": "off",
+            "GOPATH": f"{base / 'gopath'}:{GOCODE}",
+            "GOCACHE": str(base / "gocache"),
+            "GOFLAGS": "",
+        }
+        proc = subprocess.run(
+            [GO, "test", "-c", "-o", str(tmp), "."],
+            cwd=src,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=BUILD_TIMEOUT,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"go test -c failed:\n{proc.stdout}\n{proc.stderr}")
+        os.replace(tmp, binary)
+    _binary = str(binary)
+    return _binary
+
+
+def results(output: str) -> dict[str, str]:
+    """``{subtest: PASS|FAIL|SKIP}`` from ``go test -v`` output."""
+    return dict(
+        (name, verdict)
+        for verdict, name in re.findall(r"^\s*--- (PASS|FAIL|SKIP): TestSnapshotter/(\S+)", output, re.M)
+    )
+
+
+class SnapshotsTestSuiteTests(unittest.TestCase):
+    """The Go suite must pass, every subtest, on each snapshotter."""
+
+    def setUp(self) -> None:
+        require_root()  # the suite mounts
+        build_suite()
+
+    def run_suite(self, daemon: DaemonProcess, snapshotter: str) -> None:
+        work = tempfile.mkdtemp(prefix="cdtss", dir="/tmp")
+        self.addCleanup(shutil.rmtree, work, True)
+        # Registered after the daemon's cleanup, so it runs first: mounts must be gone while it still runs.
+        self.addCleanup(self.check_no_mounts, work, daemon.tmpdir)
+        env = {
+            **os.environ,
+            "SNAPSHOTS_ADDRESS": daemon.address,
+            "SNAPSHOTS_SNAPSHOTTER": snapshotter,
+            "SNAPSHOTS_PREFIX": f"suite{os.getpid()}{snapshotter[:3]}",
+            "TMPDIR": work,
+        }
+        proc = subprocess.run(
+            [build_suite(), "-test.v", "-test.count=1", "-test.timeout=300s"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT,
+        )
+        output = proc.stdout + proc.stderr
+        expected = {name: "PASS" for name in TESTS} | {name: "SKIP" for name in SKIPPED}
+        self.assertEqual(
+            (proc.returncode, results(output)), (0, expected), f"snapshots testsuite ({snapshotter}):\n{output}"
+        )
+
+    def check_no_mounts(self, *dirs: str) -> None:
+        left = [m for d in dirs for m in mounted_under(d)]
+        for target in left:
+            unmount(target, MNT_DETACH)
+        self.assertEqual(left, [], "mounts left behind")
+
+    def test_overlayfs(self) -> None:
+        self.run_suite(start_cdtwist(self), "overlayfs")
+
+    def test_native(self) -> None:
+        self.run_suite(start_cdtwist(self), "native")
+
+    def test_containerd_control(self) -> None:
+        """The same binary against containerd: the harness, not cdtwist, would be at fault if this fails."""
+        self.run_suite(start_containerd(self), "overlayfs")
