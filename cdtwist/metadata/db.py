@@ -127,7 +127,8 @@ MIGRATIONS: list[str] = [
     # 4: namespaced snapshots per snapshotter (``v1/<ns>/snapshots/<snapshotter>/<key>``
     # in bolt): the snapshotter bucket with its sequence (backend keys are
     # ``<ns>/<seq>/<key>``), each snapshot's backend key, parent and times,
-    # and its labels.  Children are the rows naming a snapshot as parent.
+    # its labels and its children bucket (kept as bolt keeps it: the GC
+    # removing a child does not touch its parent's list).
     """
     CREATE TABLE snapshotters (
         namespace TEXT NOT NULL REFERENCES namespaces(name) ON DELETE CASCADE,
@@ -146,8 +147,15 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (namespace, snapshotter, key),
         FOREIGN KEY (namespace, snapshotter) REFERENCES snapshotters(namespace, snapshotter) ON DELETE CASCADE
     ) WITHOUT ROWID;
-    CREATE INDEX snapshots_by_parent ON snapshots(namespace, snapshotter, parent);
     CREATE INDEX snapshots_by_bkey ON snapshots(snapshotter, bkey);
+    CREATE TABLE snapshot_children (
+        namespace TEXT NOT NULL,
+        snapshotter TEXT NOT NULL,
+        key TEXT NOT NULL,
+        child TEXT NOT NULL,
+        PRIMARY KEY (namespace, snapshotter, key, child),
+        FOREIGN KEY (namespace, snapshotter, key) REFERENCES snapshots(namespace, snapshotter, key) ON DELETE CASCADE
+    ) WITHOUT ROWID;
     CREATE TABLE snapshot_labels (
         namespace TEXT NOT NULL,
         snapshotter TEXT NOT NULL,
