@@ -155,3 +155,15 @@ class NamespaceStoreTests(SynchronousTestCase):
         err = self.assertRaises(FailedPrecondition, self.db.update, lambda tx: store.delete(tx, "busy"))
         self.assertEqual(str(err), 'namespace "busy" must be empty, but it still has images: failed precondition')
         self.assertEqual(self.db.view(store.list_names), ["busy"])
+
+
+class IdentifierTests(SynchronousTestCase):
+    def test_go_semantics(self) -> None:
+        from cdtwist.grpc.context import validate_identifier
+
+        validate_identifier("a.b-c_d9")
+        # Go's $ does not match before a trailing newline.
+        err = self.assertRaises(InvalidArgument, validate_identifier, "c1\n")
+        self.assertIn('identifier "c1\\n" must match', str(err))
+        # Length is in bytes.
+        self.assertRaises(InvalidArgument, validate_identifier, "é" * 39)

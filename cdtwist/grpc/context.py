@@ -8,25 +8,28 @@ import re
 import grpc
 
 from cdtwist.errors import FailedPrecondition, InvalidArgument
+from cdtwist.log import go_quote
 
 NAMESPACE_HEADER = "containerd-namespace"
 LEASE_HEADER = "containerd-lease"
 
 _MAX_IDENTIFIER = 76
-_IDENTIFIER = re.compile(r"^[A-Za-z0-9]+(?:[._-](?:[A-Za-z0-9]+))*$")
+_IDENTIFIER = re.compile(r"[A-Za-z0-9]+(?:[._-](?:[A-Za-z0-9]+))*")
 
 
 def validate_identifier(value: str) -> None:
     """containerd's ``identifiers.Validate``, with its messages."""
     if not value:
         raise InvalidArgument("identifier must not be empty")
-    if len(value) > _MAX_IDENTIFIER:
+    # Go measures bytes, anchors with $ that never matches before a final
+    # newline (fullmatch), and quotes with %q.
+    if len(value.encode()) > _MAX_IDENTIFIER:
         raise InvalidArgument(
-            f'identifier "{value}" greater than maximum length ({_MAX_IDENTIFIER} characters)'
+            f"identifier {go_quote(value)} greater than maximum length ({_MAX_IDENTIFIER} characters)"
         )
-    if not _IDENTIFIER.match(value):
+    if not _IDENTIFIER.fullmatch(value):
         raise InvalidArgument(
-            f'identifier "{value}" must match ^[A-Za-z0-9]+(?:[._-](?:[A-Za-z0-9]+))*$'
+            f"identifier {go_quote(value)} must match ^[A-Za-z0-9]+(?:[._-](?:[A-Za-z0-9]+))*$"
         )
 
 

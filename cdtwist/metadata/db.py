@@ -167,6 +167,45 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX snapshot_labels_by_label ON snapshot_labels(label, namespace, snapshotter, key);
     """,
+    # 5: containers per namespace (``v1/<ns>/containers/<id>`` in bolt): the
+    # record with runtime options and spec as serialized Any (NULL when
+    # absent), labels, extensions, and whether the namespace has its
+    # containers bucket (created with the first container, never removed).
+    """
+    CREATE TABLE container_buckets (
+        namespace TEXT PRIMARY KEY REFERENCES namespaces(name) ON DELETE CASCADE
+    ) WITHOUT ROWID;
+    CREATE TABLE containers (
+        namespace TEXT NOT NULL REFERENCES container_buckets(namespace) ON DELETE CASCADE,
+        id TEXT NOT NULL,
+        image TEXT NOT NULL DEFAULT '',
+        runtime_name TEXT NOT NULL,
+        runtime_options BLOB,
+        spec BLOB,
+        snapshotter TEXT NOT NULL DEFAULT '',
+        snapshot_key TEXT NOT NULL DEFAULT '',
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (namespace, id)
+    ) WITHOUT ROWID;
+    CREATE TABLE container_labels (
+        namespace TEXT NOT NULL,
+        id TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (namespace, id, key),
+        FOREIGN KEY (namespace, id) REFERENCES containers(namespace, id) ON DELETE CASCADE
+    ) WITHOUT ROWID;
+    CREATE INDEX container_labels_by_key ON container_labels(key, namespace, id);
+    CREATE TABLE container_extensions (
+        namespace TEXT NOT NULL,
+        id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        value BLOB NOT NULL,
+        PRIMARY KEY (namespace, id, name),
+        FOREIGN KEY (namespace, id) REFERENCES containers(namespace, id) ON DELETE CASCADE
+    ) WITHOUT ROWID;
+    """,
 ]
 
 

@@ -101,10 +101,19 @@ def _has_blobs(tx: sqlite3.Connection, name: str) -> list[str]:
 OBJECT_CHECKS.extend([_has_images, _has_blobs])
 
 
+def _has_containers(tx: sqlite3.Connection, name: str) -> list[str]:
+    row = tx.execute("SELECT 1 FROM containers WHERE namespace = ? LIMIT 1", (name,)).fetchone()
+    return ["containers"] if row is not None else []
+
+
+# Then containers, before the snapshots of each snapshotter.
+OBJECT_CHECKS.append(_has_containers)
+
+
 def _has_snapshots(tx: sqlite3.Connection, name: str) -> list[str]:
     rows = tx.execute("SELECT DISTINCT snapshotter FROM snapshots WHERE namespace = ? ORDER BY snapshotter", (name,))
     return [f'snapshots on "{r[0]}" snapshotter' for r in rows]
 
 
-# After images, blobs (and containers): one entry per snapshotter holding snapshots, in key order.
+# After images, blobs and containers: one entry per snapshotter holding snapshots, in key order.
 OBJECT_CHECKS.append(_has_snapshots)

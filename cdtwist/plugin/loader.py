@@ -30,6 +30,7 @@ BUILTIN_MODULES = (
     "cdtwist.gc.scheduler",
     # then service + gRPC pairs, in containerd's (alphabetical) order
     "cdtwist.introspection.service",
+    "cdtwist.containers.service",
     "cdtwist.content.service",
     "cdtwist.diff.service",
     "cdtwist.events.service",
