@@ -55,6 +55,15 @@ async def _init(ic: InitContext) -> MetadataPlugin:
     ic.meta.exports["path"] = db.path
     ic.meta.exports["policy"] = config.content_sharing_policy
     await deferToThreadPool(ic.reactor, ic.io_pool, db.open)  # type: ignore[arg-type]
+    # Like containerd's metadata.NewDB(bolt, content, snapshotters): wrap the
+    # backends here, so the GC sweeps them even when no service uses them.
+    from cdtwist.metadata.content import content_store_for
+    from cdtwist.metadata.snapshots import snapshotters_for
+
+    backends = ic.get_by_type(CONTENT)
+    if backends:
+        content_store_for(db, next(iter(backends.values())), config.content_sharing_policy == "shared")
+    snapshotters_for(db, ic.get_by_type(SNAPSHOTTER))
     return MetadataPlugin(db, config, ic.reactor, ic.io_pool)
 
 
