@@ -313,7 +313,7 @@ class _Applier:
             try:
                 self._entry(reader, hdr)
             except OSError as e:
-                raise CdtwistError(f"{os.fsdecode(hdr.name)}: {e.strerror or e}") from e
+                raise CdtwistError(f"{os.fsdecode(hdr.name)}: {_errno_text(e)}") from e
         for hdr in self.dirs:
             try:
                 fd, _ = self.root.resolve(hdr.name)
@@ -496,12 +496,20 @@ class _Applier:
         if hdr.linkname.startswith(b"/") and not lpath:
             lpath = b"/"
         try:
-            src_fd, _ = self.root.resolve(lpath)
-        except CdtwistError as e:
-            raise CdtwistError(f"failed to get root path: {e}") from e
-        if lbase in (b"", b".", b".."):
-            raise PermissionError(errno.EPERM, "link to a directory", os.fsdecode(hdr.linkname))
-        os.link(lbase, base, src_dir_fd=src_fd, dst_dir_fd=pfd, follow_symlinks=False)
+            try:
+                src_fd, _ = self.root.resolve(lpath)
+            except CdtwistError as e:
+                raise CdtwistError(f"failed to get root path: {e}") from e
+            if lbase in (b"", b".", b".."):
+                raise PermissionError(errno.EPERM, "link to a directory", os.fsdecode(hdr.linkname))
+            os.link(lbase, base, src_dir_fd=src_fd, dst_dir_fd=pfd, follow_symlinks=False)
+        except OSError as e:
+            # Go resolves the target's path (missing parts simply joined), then
+            # os.Link fails with a *LinkError: "link <old> <new>: <errno text>".
+            root = os.fsdecode(self.root.root).rstrip("/")
+            old_path = _root_path_text(root, os.fsdecode(hdr.linkname))
+            new_path = posixpath.join(root, os.fsdecode(hdr.name).lstrip("/"))
+            raise CdtwistError(f"link {old_path} {new_path}: {_errno_text(e)}") from e
 
 
 def apply_layer(
@@ -586,3 +594,40 @@ def plan_apply(mounts: Sequence[object]) -> ApplyPlan:
             return ApplyPlan(root=None)
         return ApplyPlan(root=upper, overlay=True, userxattr="userxattr" in options, parents=tuple(lower))
     return ApplyPlan(root=None)
+
+
+def _errno_text(err: OSError) -> str:
+    """Go prints errno texts in lower case ("no such file or directory")."""
+    text = os.strerror(err.errno) if err.errno is not None else str(err)
+    return text[:1].lower() + text[1:]
+
+
+def _root_path_text(root: str, path: str) -> str:
+    """``fs.RootPath`` as text, for error messages only (symlinks followed inside root).
+
+    The link itself is made through the descriptor-based resolver; this only
+    reproduces the path Go would print.
+    """
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    resolved = ""
+    followed = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            resolved = posixpath.dirname(resolved)
+            continue
+        candidate = posixpath.join(resolved, part)
+        full = posixpath.join(root, candidate)
+        try:
+            is_link = os.path.islink(full)
+        except OSError:
+            is_link = False
+        if not is_link or followed >= 255:
+            resolved = candidate
+            continue
+        followed += 1
+        target = os.readlink(full)
+        if target.startswith("/"):
+            resolved = ""
+        parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+    return posixpath.join(root, resolved)
