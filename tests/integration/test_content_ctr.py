@@ -71,6 +71,10 @@ def ctr_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("CONTAINERD_")}
 
 
+#: Postpones every garbage collection past the test (the first one waits for startup_delay).
+NO_GC = '[plugins."io.containerd.gc.v1.scheduler"]\n  startup_delay = "1h"\n'
+
+
 def run_ctr(
     daemon: DaemonProcess,
     *args: str,
@@ -748,7 +752,9 @@ class CrashTests(_Base):
         daemon.proc.wait(10)
 
     def test_kill_during_slow_ingest_then_resume_and_abort(self) -> None:
-        daemon = start_cdtwist(self)
+        # No collection during this test: an unheld blob could otherwise go
+        # before the label below lands, whenever the GC happens to run.
+        daemon = start_cdtwist(self, NO_GC)
         tmp = self.tmpdir()
         ns = unique("crash")
         committed_path, committed = random_file(tmp, 2 * MIB + 3)
