@@ -39,6 +39,11 @@ BUILTIN_MODULES = (
     "cdtwist.leases.service",
     "cdtwist.namespaces.service",
     "cdtwist.snapshots.service",
+    # the v2 runtime and the task monitor, which the tasks service requires
+    "cdtwist.runtime.manager",
+    "cdtwist.monitor.cgroups",
+    # tasks-service + tasks gRPC (alphabetically before version)
+    "cdtwist.tasks.service",
     "cdtwist.version.service",
 )
 

@@ -1,0 +1,1 @@
+"""Task monitors (containerd's ``io.containerd.monitor.v1`` plugins)."""
