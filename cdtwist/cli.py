@@ -135,6 +135,13 @@ def _daemon_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Shims exec the publish binary containerd's way, global flags first:
+    # `cdtwist --address X publish --topic T --namespace N`.
+    if "publish" in argv and argv[0] != "publish":
+        from cdtwist.runtime.publish import main as publish_main
+
+        return publish_main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)

@@ -107,9 +107,12 @@ class GRPCServerService(Service):
     def _start_blocking(self) -> None:
         cfg = self.config
         prepare_unix_path(self.address, cfg.uid, cfg.gid)
-        self.executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="cdtwist-grpc")
-        server = self._new_server()
         instances = self.servicers()
+        # Calls that may last hours (task Wait) bring their own workers, so they
+        # never take the ones short calls need.
+        extra = sum(int(getattr(i, "long_call_workers", 0)) for i in instances)
+        self.executor = ThreadPoolExecutor(max_workers=self.workers + extra, thread_name_prefix="cdtwist-grpc")
+        server = self._new_server()
         _register(server, instances, "register_grpc")
         if server.add_insecure_port("unix:" + self.address) == 0:
             raise OSError(f"failed to listen on {self.address}")

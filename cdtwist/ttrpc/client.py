@@ -35,8 +35,8 @@ from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from cdtwist.api.ttrpc import request_pb2
@@ -569,10 +569,22 @@ class TTRPCClientProtocol(Protocol):
             self.client.connection_lost(reason.value if reason is not None else None)
 
 
+class _QuietFactory(Factory):
+    """Hands out one protocol; quiet, since a daemon dials shims all the time."""
+
+    noisy = False
+
+    def __init__(self, proto: TTRPCClientProtocol) -> None:
+        self.proto = proto
+
+    def buildProtocol(self, addr: object) -> TTRPCClientProtocol:  # noqa: N802
+        return self.proto
+
+
 def connect_unix(reactor: Any, path: str, *, timeout: float = 30) -> Deferred[TTRPCClient]:
     """Dial a ttrpc UNIX socket (Go's ``net.Dial("unix")`` + ``NewClient``)."""
     proto = TTRPCClientProtocol(reactor)
-    d = connectProtocol(UNIXClientEndpoint(reactor, path, timeout=timeout), proto)
+    d = UNIXClientEndpoint(reactor, path, timeout=timeout).connect(_QuietFactory(proto))
 
     def connected(p: TTRPCClientProtocol) -> TTRPCClient:
         assert p.client is not None

@@ -221,9 +221,11 @@ class _Base(unittest.TestCase):
         for daemon, ns in reversed(self.namespaces):
             self._clean_namespace(daemon, ns)
             # runc keeps a state dir per namespace (both daemons leave it): ours to remove once empty
+            runc_dir = os.path.join(RUNC_ROOT, ns)
+            wait_until(lambda d=runc_dir: not os.path.isdir(d) or not os.listdir(d), timeout=5, what=runc_dir)
             try:
-                os.rmdir(os.path.join(RUNC_ROOT, ns))
-            except (FileNotFoundError, OSError):
+                os.rmdir(runc_dir)
+            except FileNotFoundError:
                 pass
         left = fifo_dirs() - self.fifos_before
         wait_until(lambda: not (fifo_dirs() - self.fifos_before), timeout=5, what=f"ctr FIFO dirs {left} to go")
