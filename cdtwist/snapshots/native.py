@@ -22,9 +22,10 @@ from twisted.internet.threads import deferToThreadPool
 from cdtwist.log import get_logger
 from cdtwist.mount import Mount
 from cdtwist.plugin import SNAPSHOTTER, Registration
-from cdtwist.snapshots import Info, Kind, Snapshotter, Usage, WalkFunc, default_platform, wrap_error
+from cdtwist.snapshots import Info, Kind, WalkFunc, default_platform, wrap_error
 from cdtwist.snapshots import fs as sfs
-from cdtwist.snapshots.storage import DB_FILE, MetaStore, Snapshot
+from cdtwist.snapshots.storage import Snapshot
+from cdtwist.snapshots.stored import StoredSnapshotter, open_root
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
@@ -37,20 +38,17 @@ MOUNT_TYPE = "bind"
 DEFAULT_MOUNT_OPTIONS = ("rbind",)
 
 
-class NativeSnapshotter(Snapshotter):
+class NativeSnapshotter(StoredSnapshotter):
     """containerd's native snapshotter (``snapshots/native``)."""
 
     def __init__(self, root: str) -> None:
-        os.makedirs(root, 0o700, exist_ok=True)
         self.root = root
-        self._ms = MetaStore(os.path.join(root, DB_FILE))
-        try:
-            os.mkdir(os.path.join(root, "snapshots"), 0o700)
-        except FileExistsError:
-            pass
+        self._ms = open_root(root)
 
     def snapshot_dir(self, sid: str) -> str:
         return os.path.join(self.root, "snapshots", sid)
+
+    data_dir = snapshot_dir
 
     def stat(self, key: str) -> Info:
         with self._ms.transaction(False) as t:
@@ -60,37 +58,6 @@ class NativeSnapshotter(Snapshotter):
     def update(self, info: Info, *fieldpaths: str) -> Info:
         with self._ms.transaction(True) as t:
             return t.update_info(info, *fieldpaths)
-
-    def usage(self, key: str) -> Usage:
-        """Stored at commit for committed snapshots; walked for active ones."""
-        with self._ms.transaction(False) as t:
-            sid, info, usage = t.get_info(key)
-        if info.kind == Kind.ACTIVE:
-            usage = sfs.disk_usage(self.snapshot_dir(sid))
-        return usage
-
-    def prepare(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
-        return self._create_snapshot(Kind.ACTIVE, key, parent, labels)
-
-    def view(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
-        return self._create_snapshot(Kind.VIEW, key, parent, labels)
-
-    def mounts(self, key: str) -> list[Mount]:
-        with self._ms.transaction(False) as t:
-            try:
-                s = t.get_snapshot(key)
-            except Exception as e:
-                raise wrap_error("failed to get snapshot mount", e) from e
-        return self._mounts(s)
-
-    def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
-        with self._ms.transaction(True) as t:
-            sid, _, _ = t.get_info(key)
-            usage = sfs.disk_usage(self.snapshot_dir(sid))
-            try:
-                t.commit_active(key, name, usage, labels)
-            except Exception as e:
-                raise wrap_error("failed to commit snapshot", e) from e
 
     def remove(self, key: str) -> None:
         t = self._ms.transaction(True)

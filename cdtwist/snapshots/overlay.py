@@ -25,9 +25,10 @@ from cdtwist.errors import CdtwistError
 from cdtwist.log import get_logger
 from cdtwist.mount import Mount, unmount_all
 from cdtwist.plugin import SNAPSHOTTER, Registration, SkipPlugin
-from cdtwist.snapshots import Info, Kind, Snapshotter, Usage, WalkFunc, default_platform, wrap_error
+from cdtwist.snapshots import Info, Kind, WalkFunc, default_platform, wrap_error
 from cdtwist.snapshots import fs as sfs
-from cdtwist.snapshots.storage import DB_FILE, MetaStore, Snapshot, Transaction
+from cdtwist.snapshots.storage import Snapshot, Transaction
+from cdtwist.snapshots.stored import StoredSnapshotter, open_root
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
@@ -46,7 +47,7 @@ class OverlayUnsupported(CdtwistError):
     """overlayfs cannot work under this root: the plugin is skipped."""
 
 
-class OverlaySnapshotter(Snapshotter):
+class OverlaySnapshotter(StoredSnapshotter):
     """containerd's overlay snapshotter (``snapshots/overlay``).
 
     :param async_remove: leave directories of removed snapshots for
@@ -61,11 +62,7 @@ class OverlaySnapshotter(Snapshotter):
         self.root = root
         self.async_remove = async_remove
         self.upperdir_label = upperdir_label
-        self._ms = MetaStore(os.path.join(root, DB_FILE))
-        try:
-            os.mkdir(os.path.join(root, "snapshots"), 0o700)
-        except FileExistsError:
-            pass
+        self._ms = open_root(root)
         try:
             self.userxattr = needs_userxattr(root)
         except Exception as e:
@@ -77,6 +74,9 @@ class OverlaySnapshotter(Snapshotter):
 
     def upper_path(self, sid: str) -> str:
         return os.path.join(self.root, "snapshots", sid, "fs")
+
+    data_dir = upper_path
+    mounts_error = "failed to get active mount"
 
     def work_path(self, sid: str) -> str:
         return os.path.join(self.root, "snapshots", sid, "work")
@@ -100,37 +100,6 @@ class OverlaySnapshotter(Snapshotter):
                 sid, _, _ = t.get_info(updated.name)
                 self._with_upperdir(sid, updated)
         return updated
-
-    def usage(self, key: str) -> Usage:
-        """Stored at commit for committed snapshots; walked from the upper dir for active ones."""
-        with self._ms.transaction(False) as t:
-            sid, info, usage = t.get_info(key)
-        if info.kind == Kind.ACTIVE:
-            usage = sfs.disk_usage(self.upper_path(sid))
-        return usage
-
-    def prepare(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
-        return self._create_snapshot(Kind.ACTIVE, key, parent, labels)
-
-    def view(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
-        return self._create_snapshot(Kind.VIEW, key, parent, labels)
-
-    def mounts(self, key: str) -> list[Mount]:
-        with self._ms.transaction(False) as t:
-            try:
-                s = t.get_snapshot(key)
-            except Exception as e:
-                raise wrap_error("failed to get active mount", e) from e
-        return self._mounts(s)
-
-    def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
-        with self._ms.transaction(True) as t:
-            sid, _, _ = t.get_info(key)
-            usage = sfs.disk_usage(self.upper_path(sid))
-            try:
-                t.commit_active(key, name, usage, labels)
-            except Exception as e:
-                raise wrap_error("failed to commit snapshot", e) from e
 
     def remove(self, key: str) -> None:
         """Forget ``key`` at once; its directory goes now or at the next :meth:`cleanup`."""
