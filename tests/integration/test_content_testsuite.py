@@ -12,22 +12,18 @@ against the real containerd as a control.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
 from twisted.trial import unittest
 
+from tests.integration.go_suite import GoSuite
 from tests.integration.harness import start_cdtwist, start_containerd
 
-GO = shutil.which("go")
-GOCODE = "/usr/share/gocode"
 SOURCE = Path(__file__).resolve().parent.parent / "content_go" / "content_test.go"
-BUILD_TIMEOUT = 900
 RUN_TIMEOUT = 300
 
 SHARED_TESTS = [
@@ -49,45 +45,8 @@ SHARED_TESTS = [
 ISOLATED_TESTS = ["CrossNamespaceIsolate"]
 ISOLATED_CONFIG = '[plugins."io.containerd.metadata.v1.bolt"]\n  content_sharing_policy = "isolated"\n'
 
-_binary: str | None = None
-
-
-def build_suite() -> str:
-    """The compiled test binary; built once per source version, then reused."""
-    global _binary
-    if _binary is not None:
-        return _binary
-    if GO is None:
-        raise unittest.SkipTest("go not found on PATH")
-    source = SOURCE.read_bytes()
-    base = Path(tempfile.gettempdir()) / f"cdtwist-content-suite-{os.geteuid()}"
-    binary = base / hashlib.sha256(source).hexdigest()[:16] / "contentgo.test"
-    if not binary.exists():
-        src = base / "gopath" / "src" / "contentgo"
-        src.mkdir(parents=True, exist_ok=True)
-        (src / "content_test.go").write_bytes(source)
-        binary.parent.mkdir(parents=True, exist_ok=True)
-        tmp = binary.with_name(f".build-{os.getpid()}")
-        env = {
-            **os.environ,
-            "GO111MODULE": "off",
-            "GOPATH": f"{base / 'gopath'}:{GOCODE}",
-            "GOCACHE": str(base / "gocache"),
-            "GOFLAGS": "",
-        }
-        proc = subprocess.run(
-            [GO, "test", "-c", "-o", str(tmp), "."],
-            cwd=src,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=BUILD_TIMEOUT,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"go test -c failed:\n{proc.stdout}\n{proc.stderr}")
-        os.replace(tmp, binary)
-    _binary = str(binary)
-    return _binary
+SUITE = GoSuite(SOURCE, "contentgo")
+build_suite = SUITE.build
 
 
 def run_suite(address: str, policy: str, prefix: str) -> tuple[int, str]:

@@ -12,7 +12,6 @@ under the suite's temp dir or the daemon's.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -23,12 +22,10 @@ from pathlib import Path
 from twisted.trial import unittest
 
 from cdtwist.mount import MNT_DETACH, mounted_under, unmount
+from tests.integration.go_suite import GoSuite
 from tests.integration.harness import DaemonProcess, require_root, start_cdtwist, start_containerd
 
-GO = shutil.which("go")
-GOCODE = "/usr/share/gocode"
 SOURCE = Path(__file__).resolve().parent.parent / "snapshots_go" / "snapshots_test.go"
-BUILD_TIMEOUT = 900
 RUN_TIMEOUT = 400
 
 TESTS = [
@@ -56,45 +53,8 @@ TESTS = [
 #: skipped by containerd's suite itself, on every snapshotter.
 SKIPPED = ["Rename"]
 
-_binary: str | None = None
-
-
-def build_suite() -> str:
-    """The compiled test binary; built once per source version, then reused."""
-    global _binary
-    if _binary is not None:
-        return _binary
-    if GO is None:
-        raise unittest.SkipTest("go not found on PATH")
-    source = SOURCE.read_bytes()
-    base = Path(tempfile.gettempdir()) / f"cdtwist-snapshots-suite-{os.geteuid()}"
-    binary = base / hashlib.sha256(source).hexdigest()[:16] / "snapshotsgo.test"
-    if not binary.exists():
-        src = base / "gopath" / "src" / "snapshotsgo"
-        src.mkdir(parents=True, exist_ok=True)
-        (src / "snapshots_test.go").write_bytes(source)
-        binary.parent.mkdir(parents=True, exist_ok=True)
-        tmp = binary.with_name(f".build-{os.getpid()}")
-        env = {
-            **os.environ,
-            "GO111MODULE": "off",
-            "GOPATH": f"{base / 'gopath'}:{GOCODE}",
-            "GOCACHE": str(base / "gocache"),
-            "GOFLAGS": "",
-        }
-        proc = subprocess.run(
-            [GO, "test", "-c", "-o", str(tmp), "."],
-            cwd=src,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=BUILD_TIMEOUT,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"go test -c failed:\n{proc.stdout}\n{proc.stderr}")
-        os.replace(tmp, binary)
-    _binary = str(binary)
-    return _binary
+SUITE = GoSuite(SOURCE, "snapshotsgo")
+build_suite = SUITE.build
 
 
 def results(output: str) -> dict[str, str]:
