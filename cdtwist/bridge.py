@@ -17,6 +17,10 @@ client whose certificate is refused never reaches grpcio.  Half-close is
 passed on where the transport can express it (TCP, UNIX); Twisted's TLS
 cannot half-close, so EOF from the backend closes a TLS client after
 flushing.  Losing either end closes the other.
+
+The same relay serves the other direction: a grpcio *client* (a proxy
+plugin) dials a private UNIX socket and each connection is relayed to any
+Twisted client endpoint (``backend=``), TLS with a checked peer name included.
 """
 
 from __future__ import annotations
@@ -39,7 +43,14 @@ from zope.interface import implementer
 from cdtwist.log import get_logger
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort, IReactorTime, IReactorUNIX
+    from twisted.internet.interfaces import (
+        IAddress,
+        IDelayedCall,
+        IListeningPort,
+        IReactorTime,
+        IReactorUNIX,
+        IStreamClientEndpoint,
+    )
     from twisted.python.failure import Failure
 
 __all__ = ["BridgeService", "StreamBridgeFactory", "StreamBridgeProtocol"]
@@ -224,6 +235,7 @@ class StreamBridgeProtocol(_End):
             return
         self.backend = backend
         self.peer, backend.peer = backend, self
+        _no_delay(backend.transport)
         inbound: Any = self.transport
         for transport in (_socket_transport(inbound), backend.transport):
             if hasattr(transport, "bufferSize"):
@@ -317,10 +329,14 @@ class StreamBridgeFactory(Factory):
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         linger: float = DEFAULT_LINGER,
         buffer_size: int = DEFAULT_BUFFER_SIZE,
+        backend: IStreamClientEndpoint | None = None,
     ) -> None:
         self.reactor = reactor
         self.clock: IReactorTime = reactor  # type: ignore[assignment]
+        #: what log lines name as the far end
         self.target = target_unix_path
+        #: dialled for each connection; default the UNIX socket at *target_unix_path*
+        self.backend = backend
         self.connect_timeout = connect_timeout
         #: seconds a closing connection may take to flush before it is aborted
         self.linger = linger
@@ -329,7 +345,9 @@ class StreamBridgeFactory(Factory):
         self.bridges: set[StreamBridgeProtocol] = set()
 
     def connect_backend(self, bridge: StreamBridgeProtocol) -> Deferred[_BackendProtocol]:
-        endpoint = UNIXClientEndpoint(self.reactor, self.target, timeout=self.connect_timeout)
+        endpoint = self.backend
+        if endpoint is None:
+            endpoint = UNIXClientEndpoint(self.reactor, self.target, timeout=self.connect_timeout)
         return endpoint.connect(_BackendFactory(bridge))
 
     def close_all(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> Deferred[None]:
@@ -364,6 +382,7 @@ class BridgeService(Service):
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
         linger: float = DEFAULT_LINGER,
         buffer_size: int = DEFAULT_BUFFER_SIZE,
+        backend: IStreamClientEndpoint | None = None,
     ) -> None:
         self.reactor = reactor
         self.listen_description = listen_description
@@ -374,6 +393,7 @@ class BridgeService(Service):
             connect_timeout=connect_timeout,
             linger=linger,
             buffer_size=buffer_size,
+            backend=backend,
         )
         self.port: IListeningPort | None = None
         self._listening: Deferred[Any] | None = None

@@ -66,6 +66,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_plugin(args: argparse.Namespace, rest: list[str]) -> int:
+    """``twistd`` running the serve-plugin application in the foreground."""
+    from twisted.scripts.twistd import run
+
+    sys.argv = ["twistd", "--nodaemon", "--pidfile=", "cdtwist-serve-plugin", *rest]
+    run()
+    return 0
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     """``containerd publish``: what shims exec to publish an event (an Any on stdin)."""
     import grpc
@@ -120,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--topic")
     publish.set_defaults(func=cmd_publish)
 
+    serve = sub.add_parser(
+        "serve-plugin",
+        help="serve a snapshotter (overlayfs, native) or the content store for a daemon's [proxy_plugins]",
+        add_help=False,
+    )
+    serve.set_defaults(func=cmd_serve_plugin, passthrough=True)
+
     run = sub.add_parser("run", help="run the daemon in the foreground (twistd -n cdtwist)")
     _daemon_flags(run)
     run.add_argument("--log-level", "-l")
@@ -143,11 +159,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return publish_main(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()
         return 2
+    if getattr(args, "passthrough", False):
+        # twistd's own option parser reads these (cdtwist serve-plugin --help too).
+        return int(func(args, rest))
+    if rest:
+        parser.error("unrecognized arguments: " + " ".join(rest))
     return int(func(args))
 
 

@@ -3,7 +3,10 @@
 
 containerd writes a socket path (``/run/x.sock``) or ``host:port``; cdtwist
 also accepts any Twisted server endpoint string (``unix:…``, ``tcp:…``,
-``ssl:…`` or a plugin's prefix).  Everything that listens goes through here.
+``ssl:…`` or a plugin's prefix).  Everything that listens goes through here,
+and so does everything that dials out (proxy plugins): a path or ``unix:``
+string is a UNIX socket, ``host:port`` is TCP, anything else a Twisted
+client endpoint string (``tcp:…``, ``tls:…``, ``cdtls:…``).
 """
 
 from __future__ import annotations
@@ -42,6 +45,21 @@ def server_description(address: str, *, unix_mode: int = 0o660) -> str:
         host = match.group("v6") or match.group("host") or ""
         port = match.group("port")
         return f"tcp:{port}:interface={_escape(host)}" if host else f"tcp:{port}"
+    if _ENDPOINT_PREFIX.match(address):
+        return address
+    raise InvalidArgument(f"address {address!r} is neither a socket path, host:port, nor an endpoint string")
+
+
+def client_description(address: str) -> str:
+    """A Twisted client endpoint description for an address to dial."""
+    if not address:
+        raise InvalidArgument("empty address")
+    if is_unix_path(address):
+        return f"unix:{_escape(address)}"
+    match = _HOST_PORT.match(address)
+    if match:
+        host = match.group("v6") or match.group("host") or "127.0.0.1"
+        return f"tcp:host={_escape(host)}:port={match.group('port')}"
     if _ENDPOINT_PREFIX.match(address):
         return address
     raise InvalidArgument(f"address {address!r} is neither a socket path, host:port, nor an endpoint string")

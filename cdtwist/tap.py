@@ -52,11 +52,18 @@ class Options(usage.Options):
 
 
 def load_registrations(config: Config) -> list[Registration]:
-    """Import every plugin source and order what the config enables."""
+    """Import every plugin source, add the config's proxy plugins, order what the config enables."""
+    from cdtwist.proxy.plugins import registrations as proxy_registrations
+
     load_builtin()
     load_plugin_dir(config.plugin_dir)
     load_entry_points()
-    return graph(registry, disabled=config.is_disabled)
+    proxies = proxy_registrations(config.proxy_plugins, config.warnings)
+    taken = {reg.uri for reg in registry}
+    for reg in proxies:
+        if reg.uri in taken:
+            raise PluginError(f"proxy_plugins.{reg.id}: plugin {reg.uri} already registered")
+    return graph([*registry, *proxies], disabled=config.is_disabled)
 
 
 def load_config(options: Options) -> Config:

@@ -24,6 +24,16 @@ TLS 1.2 is the minimum either way.  The files are read and checked when the
 string is parsed, so a bad path fails ``listen`` with a message naming the
 key, not a handshake later.
 
+The same prefix as a *client* endpoint string (cdtwist dialling out, e.g.
+a proxy plugin's ``address``) wraps any client endpoint with TLS whose
+peer must present a certificate for ``hostname`` (checked by
+service-identity), signed by ``ca`` (default: the platform's roots)::
+
+    cdtls:endpoint=<inner client>[:hostname=<name>][:ca=<pem>][:cert=<pem>][:key=<pem>][:alpn=<p1,p2>]
+
+``hostname`` defaults to the inner endpoint's host; ``cert``/``key``
+present a client certificate.
+
 Heavy imports (pyOpenSSL, cryptography) happen inside functions: the
 twistd dropin imports this module whenever Twisted scans for plugins.
 """
@@ -33,7 +43,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IStreamServerEndpoint, IStreamServerEndpointStringParser
+from twisted.internet.interfaces import (
+    IStreamClientEndpoint,
+    IStreamClientEndpointStringParserWithReactor,
+    IStreamServerEndpoint,
+    IStreamServerEndpointStringParser,
+)
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
@@ -51,6 +66,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PREFIX",
+    "CDTLSClientParser",
     "CDTLSServerParser",
     "TLSConfigError",
     "TLSServerEndpoint",
@@ -65,6 +81,11 @@ DEFAULT_ALPN = ("h2",)
 _REQUIRED = ("cert", "key", "endpoint")
 _KEYS = frozenset(_REQUIRED + ("ca", "alpn"))
 _GRAMMAR = f"{PREFIX}:cert=<pem>:key=<pem>[:ca=<pem>][:alpn=<p1,p2>]:endpoint=<escaped inner endpoint>"
+_CLIENT_KEYS = frozenset(("endpoint", "hostname", "ca", "cert", "key", "alpn"))
+_CLIENT_GRAMMAR = (
+    f"{PREFIX}:endpoint=<escaped inner client endpoint>[:hostname=<name>][:ca=<pem>][:cert=<pem>][:key=<pem>]"
+    "[:alpn=<p1,p2>]"
+)
 
 
 class TLSConfigError(ValueError):
@@ -283,5 +304,70 @@ class CDTLSServerParser:
         return TLSServerEndpoint(inner, options, clock=reactor)
 
 
+def tls_client_description(
+    inner: str,
+    *,
+    hostname: str = "",
+    ca: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
+) -> str:
+    """The client ``cdtls:`` string for *inner*, escapes done right."""
+    parts = [PREFIX, "endpoint=" + escape_endpoint_value(inner)]
+    for name, value in (("hostname", hostname), ("ca", ca), ("cert", cert), ("key", key)):
+        if value:
+            parts.append(f"{name}={escape_endpoint_value(value)}")
+    return ":".join(parts)
+
+
+def _endpoint_host(endpoint: Any) -> str:
+    """The host a Twisted TCP/hostname client endpoint dials, if it has one."""
+    for attr in ("_hostText", "_hostStr", "_host"):
+        value = getattr(endpoint, attr, None)
+        if isinstance(value, bytes):
+            value = value.decode("idna")
+        if isinstance(value, str) and value:
+            return value
+    return ""
+
+
+@implementer(IPlugin, IStreamClientEndpointStringParserWithReactor)
+class CDTLSClientParser:
+    """The ``cdtls:`` prefix for :func:`twisted.internet.endpoints.clientFromString`."""
+
+    prefix = PREFIX
+
+    def parseStreamClient(self, reactor: Any, *args: str, **kwargs: str) -> IStreamClientEndpoint:  # noqa: N802
+        from twisted.internet.endpoints import clientFromString, wrapClientTLS
+
+        if args:
+            raise TLSConfigError(
+                f"{PREFIX}: unexpected positional argument {args[0]!r}; the grammar is {_CLIENT_GRAMMAR}"
+            )
+        unknown = sorted(set(kwargs) - _CLIENT_KEYS)
+        if unknown:
+            raise TLSConfigError(f"{PREFIX}: unknown key {unknown[0]}=; the grammar is {_CLIENT_GRAMMAR}")
+        inner_description = kwargs.get("endpoint", "")
+        if not inner_description:
+            raise TLSConfigError(f"{PREFIX}: missing endpoint=; the grammar is {_CLIENT_GRAMMAR}")
+        try:
+            inner = clientFromString(reactor, inner_description)
+        except (ValueError, TypeError) as e:
+            raise TLSConfigError(f"{PREFIX}: endpoint={inner_description!r}: {e!s}") from e
+        hostname = kwargs.get("hostname") or _endpoint_host(inner)
+        if not hostname:
+            raise TLSConfigError(f"{PREFIX}: hostname= is needed to verify the peer of {inner_description!r}")
+        alpn_raw = kwargs.get("alpn")
+        alpn = DEFAULT_ALPN if alpn_raw is None else tuple(p for p in alpn_raw.split(",") if p)
+        options = tls_client_options(
+            hostname, kwargs.get("ca") or None, kwargs.get("cert") or None, kwargs.get("key") or None, alpn=alpn
+        )
+        return wrapClientTLS(options, inner)
+
+
+class CDTLSParser(CDTLSServerParser, CDTLSClientParser):
+    """Both directions under one prefix (one dropin object, found by either lookup)."""
+
+
 #: The dropin's instance (``twisted/plugins/cdtwist_tls_plugin.py``).
-parser = CDTLSServerParser()
+parser = CDTLSParser()

@@ -317,12 +317,11 @@ class PluginTests(SynchronousTestCase):
     def test_init_exports_and_mutations(self) -> None:
         import os
 
-        from cdtwist.content.local import LocalStore
         from cdtwist.gc.scheduler import _init
         from cdtwist.metadata.db import DB
         from cdtwist.metadata.gc import collector_for
         from cdtwist.metadata.plugin import BoltConfig
-        from cdtwist.plugin import CONTENT, METADATA
+        from cdtwist.plugin import METADATA
         from cdtwist.plugin.context import Meta
 
         db = DB(os.path.join(self.mktemp(), "meta.sqlite"))
@@ -334,7 +333,6 @@ class PluginTests(SynchronousTestCase):
 
         md = Metadata()
         md.db = db  # type: ignore[attr-defined]
-        backend = LocalStore(self.mktemp())
 
         class Reactor(Clock):
             def callFromThread(self, f, *args):  # noqa: N802
@@ -347,7 +345,7 @@ class PluginTests(SynchronousTestCase):
             io_pool = None
 
             def get(self, type_: str) -> object:
-                return {METADATA: md, CONTENT: backend}[type_]
+                return {METADATA: md}[type_]
 
         ic = IC()
         scheduler = _init(ic)  # type: ignore[arg-type]
@@ -355,8 +353,6 @@ class PluginTests(SynchronousTestCase):
             ic.meta.exports,
             {"PauseThreshold": "0.02", "DeletionThreshold": "0", "MutationThreshold": "100", "ScheduleDelay": "1.5s"},
         )
-        # the content store is the collector's backend from the start
-        self.assertIsNotNone(collector_for(db)._content)
         db.update(lambda tx: tx.execute("INSERT INTO namespaces(name) VALUES ('x')"))
         self.assertEqual(scheduler.mutations, 1)
         collector_for(db).mark_dirty()

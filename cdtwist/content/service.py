@@ -17,20 +17,21 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import grpc
-from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf import empty_pb2
 
 from cdtwist.api.events import content_pb2 as events
 from cdtwist.api.services.content.v1 import content_pb2 as api
 from cdtwist.api.services.content.v1 import content_pb2_grpc as api_grpc
-from cdtwist.content.local import Info, LocalStore, validate_digest
+from cdtwist.content.local import Info, validate_digest
+from cdtwist.content.wire import info_to_grpc, timestamp
 from cdtwist.errors import Canceled, CdtwistError, GRPCStatus, NotFound
 from cdtwist.events.exchange import Exchange
 from cdtwist.filters import quote
 from cdtwist.grpc import context as callctx
 from cdtwist.log import get_logger
-from cdtwist.metadata.content import NamespacedContentStore, NamespacedWriter, content_store_for
+from cdtwist.metadata.content import NamespacedContentStore, NamespacedWriter
 from cdtwist.metadata.plugin import MetadataPlugin
-from cdtwist.plugin import CONTENT, EVENT, GRPC, METADATA, SERVICE, Registration, register
+from cdtwist.plugin import EVENT, GRPC, METADATA, SERVICE, Registration, register
 
 if TYPE_CHECKING:
     from cdtwist.plugin.context import InitContext
@@ -44,18 +45,7 @@ READ_CHUNK = 1 << 20
 LIST_BLOCK = 100
 
 
-#: Go's zero ``time.Time`` as gogo marshals it: containerd's timestamps are
-#: non-nullable, so unset ones still go on the wire as this.
-GO_ZERO_SECONDS = -62135596800
-
-
-def timestamp(ns: int | None) -> timestamp_pb2.Timestamp:
-    """``ns`` since the epoch; None is Go's zero time."""
-    if ns is None:
-        return timestamp_pb2.Timestamp(seconds=GO_ZERO_SECONDS)
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(ns)
-    return ts
+__all__ = ["ContentGRPC", "ContentService", "ContentServicer", "info_to_grpc", "timestamp"]
 
 
 def wrapf(err: BaseException, prefix: str) -> BaseException:
@@ -80,13 +70,6 @@ class ContentService:
         self.exchange.publish(namespace, "/content/delete", events.ContentDelete(digest=digest))
 
 
-def info_to_grpc(info: Info, updated: bool = True) -> api.Info:
-    out = api.Info(digest=info.digest, size=info.size, labels=info.labels)
-    out.created_at.CopyFrom(timestamp(info.created_at))
-    out.updated_at.CopyFrom(timestamp(info.updated_at if updated else None))
-    return out
-
-
 def _validate(digest: str) -> str | None:
     try:
         validate_digest(digest)
@@ -96,7 +79,14 @@ def _validate(digest: str) -> str | None:
 
 
 class ContentServicer(api_grpc.ContentServicer):
-    """containerd's ``contentserver``, handler for handler."""
+    """containerd's ``contentserver``, handler for handler.
+
+    The namespace comes from the call (``namespace_of``); a server of a
+    store without namespaces (``cdtwist serve-plugin content``) replaces
+    that lookup, the rest is the same code, as containerd reuses it too.
+    """
+
+    namespace_of = staticmethod(callctx.namespace_required)
 
     def __init__(self, service: ContentService) -> None:
         self.service = service
@@ -105,13 +95,13 @@ class ContentServicer(api_grpc.ContentServicer):
     def Info(self, request: api.InfoRequest, context: grpc.ServicerContext) -> api.InfoResponse:  # noqa: N802
         if _validate(request.digest) is not None:
             raise GRPCStatus(grpc.StatusCode.INVALID_ARGUMENT, f"{quote(request.digest)} failed validation")
-        namespace = callctx.namespace_required(context)
+        namespace = self.namespace_of(context)
         return api.InfoResponse(info=info_to_grpc(self.store.info(namespace, request.digest)))
 
     def Update(self, request: api.UpdateRequest, context: grpc.ServicerContext) -> api.UpdateResponse:  # noqa: N802
         if _validate(request.info.digest) is not None:
             raise GRPCStatus(grpc.StatusCode.INVALID_ARGUMENT, f"{quote(request.info.digest)} failed validation")
-        namespace = callctx.namespace_required(context)
+        namespace = self.namespace_of(context)
         paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
         info = Info(
             digest=request.info.digest,
@@ -124,7 +114,7 @@ class ContentServicer(api_grpc.ContentServicer):
     def List(  # noqa: N802
         self, request: api.ListContentRequest, context: grpc.ServicerContext
     ) -> Iterator[api.ListContentResponse]:
-        namespace = callctx.namespace_required(context)
+        namespace = self.namespace_of(context)
         infos = self.store.walk(namespace, *request.filters)
         for start in range(0, len(infos), LIST_BLOCK):
             # containerd's List leaves updated_at out.
@@ -136,7 +126,7 @@ class ContentServicer(api_grpc.ContentServicer):
         problem = _validate(request.digest)
         if problem is not None:
             raise GRPCStatus(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        namespace = callctx.namespace_required(context)
+        namespace = self.namespace_of(context)
         self.service.delete(namespace, request.digest, callctx.lease(context))
         return empty_pb2.Empty()
 
@@ -146,7 +136,7 @@ class ContentServicer(api_grpc.ContentServicer):
         problem = _validate(request.digest)
         if problem is not None:
             raise GRPCStatus(grpc.StatusCode.INVALID_ARGUMENT, f"{request.digest}: {problem}")
-        namespace = callctx.namespace_required(context)
+        namespace = self.namespace_of(context)
         # containerd looks the blob up twice (Info, then ReaderAt's access
         # check); one lookup answers both and keeps small reads cheap.
         blob_size, reader = self.store.open(namespace, request.digest)
@@ -164,7 +154,7 @@ class ContentServicer(api_grpc.ContentServicer):
 
     def Status(self, request: api.StatusRequest, context: grpc.ServicerContext) -> api.StatusResponse:  # noqa: N802
         try:
-            namespace = callctx.namespace_required(context)
+            namespace = self.namespace_of(context)
             status = self.store.status(namespace, request.ref)
         except Exception as e:
             raise wrapf(e, f"could not get status for ref {quote(request.ref)}") from None
@@ -176,7 +166,7 @@ class ContentServicer(api_grpc.ContentServicer):
     def ListStatuses(  # noqa: N802
         self, request: api.ListStatusesRequest, context: grpc.ServicerContext
     ) -> api.ListStatusesResponse:
-        namespace = callctx.namespace_required(context)
+        namespace = self.namespace_of(context)
         response = api.ListStatusesResponse()
         for status in self.store.list_statuses(namespace, *request.filters):
             out = response.statuses.add(
@@ -200,7 +190,7 @@ class ContentServicer(api_grpc.ContentServicer):
         total = req.total
         expected = req.expected
         try:
-            namespace = callctx.namespace_required(context)
+            namespace = self.namespace_of(context)
             lease = callctx.lease(context)
             writer = self.store.writer(namespace, ref, total, expected, lease)
         except Exception as e:
@@ -304,7 +294,7 @@ class ContentServicer(api_grpc.ContentServicer):
                 raise Canceled() from None
 
     def Abort(self, request: api.AbortRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:  # noqa: N802
-        namespace = callctx.namespace_required(context)
+        namespace = self.namespace_of(context)
         self.store.abort(namespace, request.ref, callctx.lease(context))
         return empty_pb2.Empty()
 
@@ -333,9 +323,7 @@ class ContentGRPC:
 
 def _init_service(ic: InitContext) -> ContentService:
     metadata: MetadataPlugin = ic.get(METADATA)
-    backend: LocalStore = ic.get(CONTENT)
-    shared = metadata.config.content_sharing_policy == "shared"
-    return ContentService(content_store_for(metadata.db, backend, shared), ic.get(EVENT))
+    return ContentService(metadata.content_store(), ic.get(EVENT))
 
 
 def _init_grpc(ic: InitContext) -> ContentGRPC:

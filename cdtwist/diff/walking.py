@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cdtwist.content.local import LocalStore, ReaderAt
+from cdtwist.content.local import ReaderAt
 from cdtwist.diff.apply import ApplyResult, apply_layer, plan_apply
 from cdtwist.diff.compare import compare as write_layer
 from cdtwist.diff.compression import MEDIA_TYPE_IMAGE_LAYER, MEDIA_TYPE_IMAGE_LAYER_GZIP, UNCOMPRESSED_LABEL
@@ -34,10 +34,10 @@ from cdtwist.diff.stream import LayerStream, ProcessorRegistry
 from cdtwist.errors import AlreadyExists, CdtwistError, FailedPrecondition, InvalidArgument, NotImplemented_
 from cdtwist.grpc.context import validate_identifier
 from cdtwist.log import get_logger
-from cdtwist.metadata.content import NamespacedContentStore, NamespacedWriter, content_store_for
+from cdtwist.metadata.content import NamespacedContentStore, NamespacedWriter
 from cdtwist.metadata.plugin import MetadataPlugin
 from cdtwist.mount import Mount, with_readonly_temp_mount, with_temp_mount
-from cdtwist.plugin import CONTENT, DIFFER, METADATA, Registration, register
+from cdtwist.plugin import DIFFER, METADATA, Registration, register
 from cdtwist.snapshots import default_platform, wrap_error
 
 if TYPE_CHECKING:
@@ -250,9 +250,7 @@ def processor_registry(stream_processors: Mapping[str, object] | None) -> Proces
 def _init(ic: InitContext) -> WalkingDiffer:
     metadata: MetadataPlugin = ic.get(METADATA)
     ic.meta.platforms.append(default_platform())
-    backend: LocalStore = ic.get(CONTENT)
-    shared = metadata.config.content_sharing_policy == "shared"
-    store = content_store_for(metadata.db, backend, shared)
+    store = metadata.content_store()
     processors = processor_registry(getattr(ic.daemon_config, "stream_processors", None))
     return WalkingDiffer(store, processors)
 

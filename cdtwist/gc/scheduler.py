@@ -28,10 +28,10 @@ from twisted.python.failure import Failure
 
 from cdtwist.config import parse_duration_ns
 from cdtwist.content.local import go_duration
-from cdtwist.errors import Canceled, CdtwistError, NotFound
+from cdtwist.errors import Canceled, CdtwistError
 from cdtwist.gc import Stats
 from cdtwist.log import get_logger
-from cdtwist.plugin import CONTENT, GC, METADATA, Registration, register
+from cdtwist.plugin import GC, METADATA, Registration, register
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -260,19 +260,11 @@ class GCScheduler:
 
 
 def _init(ic: InitContext) -> GCScheduler:
-    from cdtwist.metadata.content import content_store_for
     from cdtwist.metadata.gc import collector_for
 
     config: SchedulerConfig = ic.config
     metadata = ic.get(METADATA)
     collector = collector_for(metadata.db)
-    try:
-        backend = ic.get(CONTENT)
-    except NotFound:
-        backend = None
-    if backend is not None:
-        # The content store is the collector's content backend from the first collection on.
-        content_store_for(metadata.db, backend, metadata.config.content_sharing_policy == "shared")
 
     def collect() -> Deferred[Stats]:
         return deferToThreadPool(ic.reactor, ic.io_pool, collector.garbage_collect)  # type: ignore[arg-type]

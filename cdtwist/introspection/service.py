@@ -3,7 +3,9 @@
 
 Lists every plugin that was tried, in init order, with why it failed or
 was skipped; plugins that start later (none after boot today) appear as
-they are added, since the set is read at each call.
+they are added, since the set is read at each call.  A plugin that loaded
+but depends on a peer (a proxy plugin) reports the peer being unreachable
+as its error for as long as it is.
 """
 
 from __future__ import annotations
@@ -45,13 +47,21 @@ def plugin_to_proto(plugin: Plugin) -> api.Plugin:
         exports=plugin.meta.exports,
         capabilities=plugin.meta.capabilities,
     )
-    if plugin.error is not None:
-        err = plugin.error
+    err = plugin.error
+    message = plugin.error_message()
+    if err is None:
+        # Plugins whose usability changes after boot (proxy plugins and their
+        # peers) say so here, so `ctr plugins ls` shows them as they are now.
+        health_error = getattr(plugin.instance, "health_error", None)
+        if callable(health_error):
+            err = health_error()
+            message = str(err) if err is not None else ""
+    if err is not None:
         if isinstance(err, CdtwistError) and not isinstance(err, SkipPlugin):
             code = err.code.value[0]
         else:
             code = grpc.StatusCode.UNKNOWN.value[0]
-        out.init_err.CopyFrom(status_pb2.Status(code=code, message=plugin.error_message()))
+        out.init_err.CopyFrom(status_pb2.Status(code=code, message=message))
     return out
 
 

@@ -25,9 +25,7 @@ from google.protobuf import empty_pb2
 from cdtwist.api.events import snapshot_pb2 as events
 from cdtwist.api.services.snapshots.v1 import snapshots_pb2 as api
 from cdtwist.api.services.snapshots.v1 import snapshots_pb2_grpc as api_grpc
-from cdtwist.api.types import mount_pb2
-from cdtwist.content.service import timestamp
-from cdtwist.errors import CdtwistError, GRPCStatus, InvalidArgument, NotImplemented_
+from cdtwist.errors import InvalidArgument, NotImplemented_
 from cdtwist.events.exchange import Exchange
 from cdtwist.grpc import context as callctx
 from cdtwist.log import get_logger
@@ -35,12 +33,23 @@ from cdtwist.metadata.plugin import MetadataPlugin
 from cdtwist.metadata.snapshots import NamespacedSnapshotter, snapshotters_for
 from cdtwist.mount import Mount
 from cdtwist.plugin import EVENT, GRPC, METADATA, SERVICE, SNAPSHOTTER, Registration, register
-from cdtwist.snapshots import Info, Kind, Usage
+from cdtwist.snapshots import Info, Usage
+from cdtwist.snapshots.wire import (
+    info_from_grpc,
+    info_to_grpc,
+    kind_from_grpc,
+    kind_to_grpc,
+    labels_of,
+    mounts_to_grpc,
+    unconverted,
+)
 
 if TYPE_CHECKING:
     from cdtwist.plugin.context import InitContext
 
 log = get_logger(__name__)
+
+__all__ = ["SnapshotsService", "SnapshotsServicer", "info_from_grpc", "info_to_grpc", "kind_from_grpc", "kind_to_grpc"]
 
 SERVICE_ID = "snapshots-service"
 #: List sends infos in blocks of this many.
@@ -142,64 +151,6 @@ class SnapshotsService(Mapping[str, EventedSnapshotter]):
         return sn
 
 
-# -- conversions (fromInfo, fromMounts ...) ---------------------------------------------
-
-
-def kind_to_grpc(kind: Kind) -> api.Kind:
-    """``fromKind``: anything but active or view is committed."""
-    if kind == Kind.ACTIVE:
-        return api.ACTIVE
-    if kind == Kind.VIEW:
-        return api.VIEW
-    return api.COMMITTED
-
-
-def kind_from_grpc(kind: int) -> Kind:
-    if kind == api.ACTIVE:
-        return Kind.ACTIVE
-    if kind == api.VIEW:
-        return Kind.VIEW
-    return Kind.COMMITTED
-
-
-def info_to_grpc(info: Info) -> api.Info:
-    out = api.Info(name=info.name, parent=info.parent, kind=kind_to_grpc(info.kind), labels=info.labels or {})
-    # gogo's non-nullable timestamps: always on the wire.
-    out.created_at.CopyFrom(timestamp(info.created))
-    out.updated_at.CopyFrom(timestamp(info.updated))
-    return out
-
-
-def info_from_grpc(info: api.Info) -> Info:
-    return Info(
-        kind=kind_from_grpc(info.kind),
-        name=info.name,
-        parent=info.parent,
-        labels=dict(info.labels),
-        created=info.created_at.ToNanoseconds(),
-        updated=info.updated_at.ToNanoseconds(),
-    )
-
-
-def mounts_to_grpc(mounts: list[Mount]) -> list[mount_pb2.Mount]:
-    return [mount_pb2.Mount(type=m.type, source=m.source, options=list(m.options)) for m in mounts]
-
-
-def _labels(request: api.PrepareSnapshotRequest | api.ViewSnapshotRequest | api.CommitSnapshotRequest) -> (
-    dict[str, str] | None
-):
-    """A request's labels; None when there are none (Go's nil map: no ``WithLabels``)."""
-    return dict(request.labels) if request.labels else None
-
-
-def _unconverted(err: Exception) -> CdtwistError:
-    """What grpc-go sends for an error a handler returns without ``errdefs.ToGRPC``: Unknown, same text."""
-    if isinstance(err, GRPCStatus):
-        return err
-    text = err.message if isinstance(err, CdtwistError) else str(err)
-    return CdtwistError(text)
-
-
 class SnapshotsServicer(api_grpc.SnapshotsServicer):
     """containerd's snapshots gRPC service, handler for handler."""
 
@@ -212,7 +163,7 @@ class SnapshotsServicer(api_grpc.SnapshotsServicer):
         log.debug("prepare snapshot", parent=request.parent, key=request.key)
         sn = self.service.get_snapshotter(request.snapshotter)
         namespace = callctx.namespace_required(context)
-        mounts = sn.prepare(namespace, request.key, request.parent, _labels(request), callctx.lease(context))
+        mounts = sn.prepare(namespace, request.key, request.parent, labels_of(request), callctx.lease(context))
         return api.PrepareSnapshotResponse(mounts=mounts_to_grpc(mounts))
 
     def View(  # noqa: N802
@@ -221,7 +172,7 @@ class SnapshotsServicer(api_grpc.SnapshotsServicer):
         log.debug("prepare view snapshot", parent=request.parent, key=request.key)
         sn = self.service.get_snapshotter(request.snapshotter)
         namespace = callctx.namespace_required(context)
-        mounts = sn.view(namespace, request.key, request.parent, _labels(request), callctx.lease(context))
+        mounts = sn.view(namespace, request.key, request.parent, labels_of(request), callctx.lease(context))
         return api.ViewSnapshotResponse(mounts=mounts_to_grpc(mounts))
 
     def Mounts(self, request: api.MountsRequest, context: grpc.ServicerContext) -> api.MountsResponse:  # noqa: N802
@@ -236,7 +187,7 @@ class SnapshotsServicer(api_grpc.SnapshotsServicer):
         log.debug("commit snapshot", key=request.key, name=request.name)
         sn = self.service.get_snapshotter(request.snapshotter)
         namespace = callctx.namespace_required(context)
-        sn.commit(namespace, request.name, request.key, _labels(request), callctx.lease(context))
+        sn.commit(namespace, request.name, request.key, labels_of(request), callctx.lease(context))
         return empty_pb2.Empty()
 
     def Remove(  # noqa: N802
@@ -279,7 +230,7 @@ class SnapshotsServicer(api_grpc.SnapshotsServicer):
                     yield api.ListSnapshotsResponse(info=block)
                     block = []
         except Exception as e:
-            raise _unconverted(e) from e
+            raise unconverted(e) from e
         if block:
             yield api.ListSnapshotsResponse(info=block)
 

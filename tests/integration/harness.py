@@ -538,6 +538,49 @@ class CdtwistDaemon(DaemonProcess):
         self.wait_for_log("successfully booted", timeout=timeout if timeout is not None else self.start_timeout)
 
 
+class PluginServerProcess(DaemonProcess):
+    """``cdtwist serve-plugin <kind>`` (twistd's ``cdtwist-serve-plugin``) on a root and socket under tmpdir.
+
+    ``ctr`` cannot talk to it (it serves one API, no namespaces): ready means
+    the socket accepts and the server logged that it is serving.
+    """
+
+    name = "serve-plugin"
+
+    def __init__(self, kind: str, tmpdir: str | None = None, *, args: Iterable[str] = (), **kwargs: Any) -> None:
+        self.kind = kind
+        self.args = list(args)
+        super().__init__(tmpdir, **kwargs)
+        self.address = os.path.join(self.tmpdir, "p.sock")
+
+    @classmethod
+    def check_requirements(cls) -> None:
+        require_root()
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-c", TWISTD_MAIN, "-n", "--pidfile=", "cdtwist-serve-plugin",
+            self.kind, "--root", self.root, "--address", self.address, *self.args,
+        ]  # fmt: skip
+
+    def environment(self) -> dict[str, str]:
+        env = super().environment()
+        env["PYTHONPATH"] = REPO_ROOT
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        deadline = time.monotonic() + (timeout if timeout is not None else self.start_timeout)
+        while not socket_accepts(self.address):
+            rc = self.returncode
+            if rc is not None:
+                raise DaemonError(f"{self.name} exited with status {rc} before serving\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise DaemonError(f"{self.name} not serving on {self.address} after timeout\n{self.log_tail()}")
+            time.sleep(0.05)
+        self.wait_for_log("serving in", timeout=max(deadline - time.monotonic(), 1.0))
+
+
 class ContainerdDaemon(DaemonProcess):
     """The real containerd, CRI disabled and ``/opt/containerd`` redirected into the temp dir."""
 

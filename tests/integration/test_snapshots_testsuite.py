@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,7 +24,14 @@ from twisted.trial import unittest
 
 from cdtwist.mount import MNT_DETACH, mounted_under, unmount
 from tests.integration.go_suite import GoSuite
-from tests.integration.harness import DaemonProcess, require_root, start_cdtwist, start_containerd
+from tests.integration.harness import (
+    REPO_ROOT,
+    DaemonProcess,
+    processes_referencing,
+    require_root,
+    start_cdtwist,
+    start_containerd,
+)
 
 SOURCE = Path(__file__).resolve().parent.parent / "snapshots_go" / "snapshots_test.go"
 RUN_TIMEOUT = 400
@@ -57,11 +65,11 @@ SUITE = GoSuite(SOURCE, "snapshotsgo")
 build_suite = SUITE.build
 
 
-def results(output: str) -> dict[str, str]:
-    """``{subtest: PASS|FAIL|SKIP}`` from ``go test -v`` output."""
+def results(output: str, test: str = "TestSnapshotter") -> dict[str, str]:
+    """``{subtest: PASS|FAIL|SKIP}`` of Go test ``test`` from ``go test -v`` output."""
     return dict(
         (name, verdict)
-        for verdict, name in re.findall(r"^\s*--- (PASS|FAIL|SKIP): TestSnapshotter/(\S+)", output, re.M)
+        for verdict, name in re.findall(rf"^\s*--- (PASS|FAIL|SKIP): {test}/(\S+)", output, re.M)
     )
 
 
@@ -97,6 +105,34 @@ class SnapshotsTestSuiteTests(unittest.TestCase):
             (proc.returncode, results(output)), (0, expected), f"snapshots testsuite ({snapshotter}):\n{output}"
         )
 
+    def run_serve_plugin_suite(self, kind: str) -> None:
+        """Every test of the suite starts its own ``cdtwist serve-plugin <kind>`` on the test's root."""
+        work = tempfile.mkdtemp(prefix="cdtsp", dir="/tmp")
+        self.addCleanup(shutil.rmtree, work, True)
+        self.addCleanup(self.check_no_mounts, work)
+        env = {
+            **os.environ,
+            "PYTHONPATH": REPO_ROOT,
+            "SNAPSHOTS_SERVE_PLUGIN": f"{sys.executable} -m cdtwist.cli serve-plugin {kind}",
+            "TMPDIR": work,
+        }
+        proc = subprocess.run(
+            [build_suite(), "-test.v", "-test.count=1", "-test.run", "^TestServePlugin$", "-test.timeout=300s"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT,
+        )
+        output = proc.stdout + proc.stderr
+        expected = {name: "PASS" for name in TESTS} | {name: "SKIP" for name in SKIPPED}
+        self.assertEqual(
+            (proc.returncode, results(output, "TestServePlugin")),
+            (0, expected),
+            f"snapshots testsuite (serve-plugin {kind}):\n{output}",
+        )
+        # Every server was stopped by its test: none may be left running.
+        self.assertEqual(processes_referencing(work), [])
+
     def check_no_mounts(self, *dirs: str) -> None:
         left = [m for d in dirs for m in mounted_under(d)]
         for target in left:
@@ -108,6 +144,13 @@ class SnapshotsTestSuiteTests(unittest.TestCase):
 
     def test_native(self) -> None:
         self.run_suite(start_cdtwist(self), "native")
+
+    def test_serve_plugin_overlayfs(self) -> None:
+        """Issue 7: ``cdtwist serve-plugin overlayfs`` is a snapshotter containerd's suite accepts."""
+        self.run_serve_plugin_suite("overlayfs")
+
+    def test_serve_plugin_native(self) -> None:
+        self.run_serve_plugin_suite("native")
 
     def test_containerd_control(self) -> None:
         """The same binary against containerd: the harness, not cdtwist, would be at fault if this fails."""

@@ -7,6 +7,13 @@
 //	SNAPSHOTS_SNAPSHOTTER  the snapshotter to test ("overlayfs", "native")
 //	SNAPSHOTS_PREFIX       namespace prefix, unique per run
 //
+// TestServePlugin runs the same suite against `cdtwist serve-plugin` (an
+// external snapshotter, no namespaces): each test starts its own server on
+// the test's root, as containerd's suite expects a fresh snapshotter per test.
+//
+//	SNAPSHOTS_SERVE_PLUGIN the command up to the kind, e.g.
+//	                       "python3 -m cdtwist.cli serve-plugin overlayfs"
+//
 // The suite runs every test in the one namespace "testsuite" and relies on
 // each test having a snapshotter of its own; through a shared daemon that
 // is a namespace of its own, so every test gets a fresh namespace (and a
@@ -20,7 +27,11 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -43,9 +54,17 @@ func dial(t *testing.T) *grpc.ClientConn {
 	if address == "" {
 		t.Skip("SNAPSHOTS_ADDRESS not set")
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	conn, err := dialUnix(address, 10*time.Second)
+	if err != nil {
+		t.Fatalf("dial %s: %v", address, err)
+	}
+	return conn
+}
+
+func dialUnix(address string, timeout time.Duration) (*grpc.ClientConn, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	conn, err := grpc.DialContext(ctx, address,
+	return grpc.DialContext(ctx, address,
 		grpc.WithInsecure(),
 		grpc.WithBlock(),
 		grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
@@ -53,10 +72,6 @@ func dial(t *testing.T) *grpc.ClientConn {
 			return d.DialContext(ctx, "unix", addr)
 		}),
 	)
-	if err != nil {
-		t.Fatalf("dial %s: %v", address, err)
-	}
-	return conn
 }
 
 // namespaced runs every call of the wrapped snapshotter in its own
@@ -137,5 +152,44 @@ func TestSnapshotter(t *testing.T) {
 			lease: l.ID,
 		}
 		return sn, func() error { return lm.Delete(lctx, l) }, nil
+	})
+}
+
+func TestServePlugin(t *testing.T) {
+	command := strings.Fields(os.Getenv("SNAPSHOTS_SERVE_PLUGIN"))
+	if len(command) == 0 {
+		t.Skip("SNAPSHOTS_SERVE_PLUGIN not set")
+	}
+	name := command[len(command)-1]
+	testsuite.SnapshotterSuite(t, name, func(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
+		sock := filepath.Join(root, "sn.sock")
+		logf, err := os.Create(filepath.Join(root, "serve-plugin.log"))
+		if err != nil {
+			return nil, nil, err
+		}
+		args := append(append([]string{}, command[1:]...), "--root", filepath.Join(root, "store"), "--address", sock)
+		cmd := exec.Command(command[0], args...)
+		cmd.Stdout, cmd.Stderr = logf, logf
+		if err := cmd.Start(); err != nil {
+			logf.Close()
+			return nil, nil, err
+		}
+		stop := func() error {
+			cmd.Process.Signal(syscall.SIGTERM)
+			err := cmd.Wait()
+			logf.Close()
+			return err
+		}
+		conn, err := dialUnix(sock, 30*time.Second)
+		if err != nil {
+			stop()
+			out, _ := os.ReadFile(logf.Name())
+			return nil, nil, fmt.Errorf("serve-plugin did not serve on %s: %v\n%s", sock, err, out)
+		}
+		sn := proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), name)
+		return sn, func() error {
+			conn.Close()
+			return stop()
+		}, nil
 	})
 }
