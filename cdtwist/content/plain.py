@@ -94,3 +94,6 @@ class PlainContentServicer(ContentServicer):
         from cdtwist.api.services.content.v1 import content_pb2_grpc as api_grpc
 
         api_grpc.add_ContentServicer_to_server(self, server)
+
+    #: served on ``--tcp-address`` too: that is the point of serving it over TLS
+    register_tcp = register_grpc

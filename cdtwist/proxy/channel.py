@@ -6,6 +6,9 @@ peer that is down, calls made while it is unreachable fail at once with
 Unavailable, and the channel keeps redialling (1 s, growing to 3 s, as
 containerd's backoff) so calls work again as soon as the peer is back.
 
+Reachability is asked, not watched: introspection probes the channel
+(which also makes an idle one dial), so no thread polls it meanwhile.
+
 A socket path or ``unix:`` string is dialled by grpcio directly.  Any other
 address is a Twisted client endpoint string (``tcp:``, ``tls:``,
 ``cdtls:`` with a verified peer name): grpcio dials a private UNIX socket
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -39,6 +41,9 @@ log = get_logger(__name__)
 MAX_MESSAGE_SIZE = 16 << 20
 #: How long boot waits for a first connection before reporting the peer down.
 FIRST_CONNECT_TIMEOUT = 1.0
+_PROBE_METHOD = "/grpc.health.v1.Health/Check"
+#: How long introspection waits for an idle or reconnecting channel.
+HEALTH_PROBE_TIMEOUT = 0.5
 _OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
     ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
@@ -81,9 +86,6 @@ class ProxyChannel:
             self.target = "unix:" + self.bridge_socket
         self.channel: grpc.Channel | None = None
         self.bridge: Any = None
-        self._lock = threading.Lock()
-        self._state: grpc.ChannelConnectivity | None = None
-        self._ever_ready = False
 
     # -- lifecycle (reactor thread) -----------------------------------------
 
@@ -108,8 +110,7 @@ class ProxyChannel:
             await bridge.startService()
             self.bridge = bridge
         self.channel = grpc.insecure_channel(self.target, options=_OPTIONS)
-        self.channel.subscribe(self._on_state, try_to_connect=True)
-        ready = await deferToThreadPool(self.reactor, self.io_pool, self._wait_ready, FIRST_CONNECT_TIMEOUT)
+        ready = await deferToThreadPool(self.reactor, self.io_pool, self.ready, FIRST_CONNECT_TIMEOUT)
         if not ready:
             log.warn(
                 "proxy plugin peer not reachable yet; calls fail with Unavailable until it is",
@@ -117,11 +118,22 @@ class ProxyChannel:
                 address=self.address,
             )
 
-    def _wait_ready(self, timeout: float) -> bool:
-        assert self.channel is not None
+    def ready(self, timeout: float) -> bool:
+        """The peer answers within ``timeout`` seconds (an idle channel dials).  Blocking.
+
+        Probes with a health check that waits for the connection: any answer,
+        UNIMPLEMENTED included, proves a live peer.  (grpcio's connectivity
+        futures would leave a polling thread behind.)
+        """
+        channel = self.channel
+        if channel is None:
+            return False
+        probe = channel.unary_unary(_PROBE_METHOD, request_serializer=None, response_deserializer=None)
         try:
-            grpc.channel_ready_future(self.channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
+            probe(b"", timeout=timeout, wait_for_ready=True)
+        except grpc.RpcError as e:
+            return e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        except ValueError:  # closed meanwhile
             return False
         return True
 
@@ -131,7 +143,6 @@ class ProxyChannel:
     async def _stop(self) -> None:
         channel, self.channel = self.channel, None
         if channel is not None:
-            channel.unsubscribe(self._on_state)
             await deferToThreadPool(self.reactor, self.io_pool, channel.close)
         bridge, self.bridge = self.bridge, None
         if bridge is not None:
@@ -140,26 +151,14 @@ class ProxyChannel:
 
     # -- state ----------------------------------------------------------------
 
-    def _on_state(self, state: grpc.ChannelConnectivity) -> None:
-        with self._lock:
-            previous, self._state = self._state, state
-            if state == grpc.ChannelConnectivity.READY:
-                self._ever_ready = True
-        if previous is not None and previous != state:
-            if state == grpc.ChannelConnectivity.READY:
-                log.info("proxy plugin connected", plugin=self.name, address=self.address)
-            elif state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
-                log.warn("proxy plugin peer unreachable", plugin=self.name, address=self.address)
-
     def health_error(self) -> CdtwistError | None:
-        """Why the peer cannot be used right now, or None (introspection shows it as the plugin's error)."""
-        with self._lock:
-            state, ever_ready = self._state, self._ever_ready
+        """Why the peer cannot be used right now, or None (introspection shows it as the plugin's error).
+
+        Blocking for up to :data:`HEALTH_PROBE_TIMEOUT`: callers are on pool threads.
+        """
         if self.channel is None:
             return Unavailable(f"proxy plugin {self.name}: not started")
-        if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE or (
-            not ever_ready and state != grpc.ChannelConnectivity.READY
-        ):
+        if not self.ready(HEALTH_PROBE_TIMEOUT):
             return Unavailable(f"proxy plugin {self.name}: cannot reach {self.address}")
         return None
 

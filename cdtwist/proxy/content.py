@@ -247,16 +247,25 @@ class ProxyWriter:
             self.close()
 
     def close(self) -> None:
+        """End the session (half-close) and wait for the peer to finish it.
+
+        Waiting matters: the peer releases the ingest only as its handler
+        ends, and an ``abort`` sent right after must find it released.
+        """
         if self._requests is None:
             return
         self._closed = True
         self._requests.put(_END)
-        requests, self._requests = self._requests, None  # type: ignore[assignment]
-        del requests
-        # The peer answers the end of the stream with its last response once more; drop it.
+        self._requests = None  # type: ignore[assignment]
         responses, self._responses = self._responses, None
-        if responses is not None:
-            responses.cancel()
+        if responses is None:
+            return
+        try:
+            # The peer answers the end of the stream with its last response once more.
+            for _ in responses:
+                pass
+        except grpc.RpcError:
+            pass  # the session had failed already; nothing left to release
 
     def __enter__(self) -> ProxyWriter:
         return self

@@ -32,6 +32,9 @@ class PlainSnapshotsServicer(api_grpc.SnapshotsServicer):
     def register_grpc(self, server: grpc.Server) -> None:
         api_grpc.add_SnapshotsServicer_to_server(self, server)
 
+    #: served on ``--tcp-address`` too: that is the point of serving it over TLS
+    register_tcp = register_grpc
+
     def Prepare(  # noqa: N802 - generated API
         self, request: api.PrepareSnapshotRequest, context: grpc.ServicerContext
     ) -> api.PrepareSnapshotResponse:

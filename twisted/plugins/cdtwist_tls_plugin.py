@@ -1,7 +1,9 @@
-"""twistd/endpoints dropin: the ``cdtls:`` server endpoint string (mutual TLS).
+"""twistd/endpoints dropin: the ``cdtls:`` endpoint strings (mutual TLS), server and client.
 
 Tiny on purpose: the parser lives in :mod:`cdtwist.tls`, which defers its
-pyOpenSSL imports until a ``cdtls:`` string is actually parsed.
+pyOpenSSL imports until a ``cdtls:`` string is actually parsed.  One object
+provides both parser interfaces, so ``serverFromString`` and
+``clientFromString`` each find it.
 """
 
 from cdtwist.tls import parser as cdtls
