@@ -5,7 +5,9 @@ with ``go test -c`` in GOPATH mode against Debian's containerd sources
 (``/usr/share/gocode``) and cached under the temp dir.  It runs the whole
 suite on one snapshotter of a daemon, every test in a fresh namespace
 holding a lease (see the Go file).  It is run for ``overlayfs`` and
-``native`` on cdtwist, and against the real containerd as a control.  The
+``native`` on cdtwist, against ``cdtwist serve-plugin`` (an external
+snapshotter: each test starts its own server on its own root, see
+``TestServePlugin``), and against the real containerd as a control.  The
 tests mount what the daemon hands out: afterwards nothing may stay mounted
 under the suite's temp dir or the daemon's.
 """
