@@ -23,6 +23,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+import sdnotify
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.threads import deferToThreadPool
@@ -256,6 +257,7 @@ class PluginServer(OrderedMultiService):
                 self.reactor.stop()
             return
         log.info(f"serve-plugin {self.kind} serving in {time.monotonic() - started:f}s", address=self.grpc.address)
+        sdnotify.SystemdNotifier().notify("READY=1")  # Type=notify units start their clients after this
         self.serving.callback(None)
 
     def _stop_reactor(self) -> None:
