@@ -6,6 +6,7 @@ import os
 import socket
 import stat
 import tempfile
+import threading
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,7 +20,7 @@ from twisted.trial.unittest import TestCase
 
 from cdtwist.api.services.version.v1 import version_pb2, version_pb2_grpc
 from cdtwist.errors import AlreadyExists, NotFound
-from cdtwist.grpc.server import GRPCServerService
+from cdtwist.grpc.server import GRPCServerService, HandoffPool
 
 
 class Servicer(version_pb2_grpc.VersionServicer):
@@ -140,3 +141,126 @@ class GRPCServerTests(TestCase):
         with self.assertRaises(AlreadyExists):
             await self.service.startService()
         self.assertTrue(os.path.exists(self.address))
+
+    async def test_unknown_method_and_service_answer_like_grpc_go(self) -> None:
+        await self.start()
+
+        def blocking(method: str) -> Any:
+            with grpc.insecure_channel("unix:" + self.address) as channel:
+                call = channel.unary_unary(method)
+                try:
+                    return call(b"", timeout=5)
+                except grpc.RpcError as e:
+                    return e
+
+        err = await deferToThreadPool(reactor, self.pool, blocking, "/containerd.services.version.v1.Version/Nope")
+        self.assertEqual(err.code(), grpc.StatusCode.UNIMPLEMENTED)
+        self.assertEqual(err.details(), "unknown method Nope for service containerd.services.version.v1.Version")
+        err = await deferToThreadPool(reactor, self.pool, blocking, "/no.such.Service/Call")
+        self.assertEqual(err.code(), grpc.StatusCode.UNIMPLEMENTED)
+        self.assertEqual(err.details(), "unknown service no.such.Service")
+        # Counted like every other call (the handlers are wrapped, not intercepted per call).
+        labels = {"grpc_type": "bidi_stream", "grpc_service": "no.such.Service", "grpc_method": "Call"}
+        self.assertEqual(self.registry.get_sample_value("grpc_server_started_total", labels), 1.0)
+        self.assertEqual(
+            self.registry.get_sample_value("grpc_server_handled_total", dict(labels, grpc_code="Unimplemented")), 1.0
+        )
+
+    async def test_sequential_calls_reuse_one_worker(self) -> None:
+        await self.start()
+        for _ in range(5):
+            self.assertEqual((await self.call()).version, "v")
+        self.assertEqual(self.service.worker_count(), 1)
+        self.assertEqual(self.service.queue_length(), 0)
+
+
+class HandoffPoolTests(TestCase):
+    def pool(self, workers: int) -> HandoffPool:
+        pool = HandoffPool(workers, "test-pool")
+        self.addCleanup(pool.shutdown, True, cancel_futures=True)
+        return pool
+
+    def test_runs_tasks_and_done_callbacks(self) -> None:
+        pool = self.pool(2)
+        ran = threading.Event()
+        done: list[Any] = []
+        task = pool.submit(lambda a, b: ran.set() if (a, b) == (1, 2) else None, 1, 2)
+        task.add_done_callback(done.append)
+        self.assertTrue(ran.wait(5))
+        pool.shutdown(wait=True)
+        self.assertEqual(done, [task])
+        late: list[Any] = []
+        task.add_done_callback(late.append)  # after completion: called at once
+        self.assertEqual(late, [task])
+
+    def test_backlog_past_max_workers_in_order(self) -> None:
+        pool = self.pool(2)
+        gate = threading.Event()
+        order: list[int] = []
+
+        started = threading.Semaphore(0)
+
+        def work(i: int) -> None:
+            started.release()
+            gate.wait(5)
+            order.append(i)
+
+        tasks = [pool.submit(work, i) for i in range(5)]
+        self.assertEqual(pool.worker_count(), 2)
+        for _ in range(2):
+            self.assertTrue(started.acquire(timeout=5))
+        self.assertEqual(pool.queue_length(), 3)
+        finished = threading.Semaphore(0)
+        for t in tasks:
+            t.add_done_callback(lambda _t: finished.release())
+        gate.set()
+        for _ in tasks:
+            self.assertTrue(finished.acquire(timeout=5))
+        self.assertEqual(sorted(order), list(range(5)))
+        self.assertEqual(pool.queue_length(), 0)
+
+    def test_backlog_is_fifo(self) -> None:
+        pool = self.pool(1)
+        gate = threading.Event()
+        order: list[int] = []
+        started = threading.Event()
+        pool.submit(lambda: (started.set(), gate.wait(5)))
+        self.assertTrue(started.wait(5))
+        tasks = [pool.submit(order.append, i) for i in range(4)]
+        self.assertEqual(pool.queue_length(), 4)
+        finished = threading.Semaphore(0)
+        for t in tasks:
+            t.add_done_callback(lambda _t: finished.release())
+        gate.set()
+        for _ in tasks:
+            self.assertTrue(finished.acquire(timeout=5))
+        self.assertEqual(order, [0, 1, 2, 3])
+
+    def test_failing_task_keeps_worker(self) -> None:
+        pool = self.pool(1)
+        pool.submit(lambda: 1 / 0)
+        ran = threading.Event()
+        pool.submit(ran.set)
+        self.assertTrue(ran.wait(5))
+        self.assertEqual(pool.worker_count(), 1)
+        self.flushLoggedErrors(ZeroDivisionError)
+
+    def test_shutdown_cancels_backlog_and_refuses_new_work(self) -> None:
+        pool = self.pool(1)
+        gate = threading.Event()
+        started = threading.Event()
+        pool.submit(lambda: (started.set(), gate.wait(5)))
+        self.assertTrue(started.wait(5))
+        ran: list[int] = []
+        cancelled: list[Any] = []
+        pool.submit(ran.append, 1).add_done_callback(cancelled.append)
+        stopper = threading.Thread(target=pool.shutdown, kwargs={"wait": True, "cancel_futures": True})
+        stopper.start()
+        gate.set()
+        stopper.join(5)
+        self.assertFalse(stopper.is_alive())
+        self.assertEqual(ran, [])
+        self.assertEqual(len(cancelled), 1)
+        self.assertEqual(pool.worker_count(), 0)
+        with self.assertRaises(RuntimeError):
+            pool.submit(ran.append, 2)

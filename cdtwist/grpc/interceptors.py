@@ -177,6 +177,15 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
                 self._wrapped[key] = wrapped
         return wrapped
 
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """``handler`` for ``/service/Method`` with this layer around it, for wrapping at registration.
+
+        The server wraps every registered handler once, up front, instead of
+        having grpcio run an interceptor pipeline on its serving thread for
+        every call; the wrapped handler behaves exactly as the intercepted one.
+        """
+        return self._wrap(method, handler)
+
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         service, name = _split(method)
         labels = (_rpc_type(handler), service, name)
@@ -218,6 +227,12 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
                 failed(call, e, context)
             call.done(_status_of(context))
 
+        if metrics is not None and handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _unary_unary(handler.unary_unary, metrics, failed),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
         for kind, make, run in _KINDS:
             inner = getattr(handler, kind)
             if inner is not None:
@@ -228,6 +243,53 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
                     handler.response_serializer,
                 )
         raise AssertionError(f"{method}: handler without behaviour")
+
+
+def _unary_unary(
+    behavior: Callable[[Any, grpc.ServicerContext], Any],
+    metrics: _MethodMetrics,
+    failed: Callable[[_Call, Exception, grpc.ServicerContext], NoReturn],
+) -> Callable[[Any, grpc.ServicerContext], Any]:
+    """The hot path (most calls are unary): what ``run_unary`` does, without its indirections.
+
+    Counts in the same order as :class:`_Call`: started and received before
+    the handler, sent and handled after it.
+    """
+    started, received, sent = metrics.started.inc, metrics.received.inc, metrics.sent.inc
+    handled, seconds = metrics.handled, metrics.seconds
+    monotonic = time.monotonic
+
+    def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
+        start = monotonic()
+        started()
+        received()
+        try:
+            response = behavior(request, context)
+        except Exception as e:
+            call = _Call.__new__(_Call)
+            call.metrics, call.start = metrics, start
+            failed(call, e, context)
+        sent()
+        handled(_status_of(context)).inc()
+        if seconds is not None:
+            seconds.observe(monotonic() - start)
+        return response
+
+    return unary_unary
+
+
+class InterceptedGenericHandler(grpc.GenericRpcHandler):
+    """A generic handler whose answers go through ``interceptor`` (what the server no longer asks grpcio to do)."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, interceptor: ErrorAndMetricsInterceptor) -> None:
+        self.inner = inner
+        self.interceptor = interceptor
+        name = getattr(inner, "service_name", None)
+        if callable(name):
+            self.service_name = name
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return self.interceptor.intercept_service(self.inner.service, handler_call_details)
 
 
 def _counted(requests: Iterator[Any], call: _Call) -> Iterator[Any]:

@@ -10,8 +10,9 @@ initialised, as containerd's ``server.New`` does.
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -21,7 +22,7 @@ from twisted.internet.threads import deferToThreadPool
 
 from cdtwist.endpoints import server_description, unix_mode, unix_path
 from cdtwist.errors import InvalidArgument
-from cdtwist.grpc.interceptors import ErrorAndMetricsInterceptor, GRPCMetrics
+from cdtwist.grpc.interceptors import ErrorAndMetricsInterceptor, GRPCMetrics, InterceptedGenericHandler
 from cdtwist.log import get_logger
 from cdtwist.sockets import prepare_unix_path, remove_socket, secure_socket
 
@@ -60,10 +61,11 @@ class GRPCServerService(Service):
         self.reactor = reactor
         self.io_pool = io_pool
         self.metrics = GRPCMetrics(metrics_registry, histogram) if metrics_registry else None
+        self.interceptor = ErrorAndMetricsInterceptor(self.metrics)
         self.workers = workers
         self.server: grpc.Server | None = None
         self.tcp_server: grpc.Server | None = None
-        self.executor: ThreadPoolExecutor | None = None
+        self.executor: HandoffPool | None = None
         path = unix_path(grpc_config.address)
         if path is None:
             raise InvalidArgument(
@@ -81,11 +83,11 @@ class GRPCServerService(Service):
     def queue_length(self) -> int:
         """Calls accepted but waiting for a worker (the debug socket shows it)."""
         executor = self.executor
-        return executor._work_queue.qsize() if executor is not None else 0
+        return executor.queue_length() if executor is not None else 0
 
     def worker_count(self) -> int:
         executor = self.executor
-        return len(executor._threads) if executor is not None else 0
+        return executor.worker_count() if executor is not None else 0
 
     def _options(self) -> list[tuple[str, Any]]:
         opts: list[tuple[str, Any]] = [("grpc.so_reuseport", 0)]
@@ -97,12 +99,10 @@ class GRPCServerService(Service):
 
     def _new_server(self) -> grpc.Server:
         assert self.executor is not None
-        return grpc.server(
-            self.executor,
-            interceptors=[ErrorAndMetricsInterceptor(self.metrics)],
-            options=self._options(),
-            maximum_concurrent_rpcs=DEFAULT_MAX_CONCURRENT,
-        )
+        # No grpcio interceptors: _register wraps every handler once instead
+        # (ErrorAndMetricsInterceptor.wrap), which spares the serving thread
+        # an interceptor pipeline per call.
+        return grpc.server(self.executor, options=self._options(), maximum_concurrent_rpcs=DEFAULT_MAX_CONCURRENT)
 
     def _start_blocking(self) -> None:
         cfg = self.config
@@ -111,9 +111,9 @@ class GRPCServerService(Service):
         # Calls that may last hours (task Wait) bring their own workers, so they
         # never take the ones short calls need.
         extra = sum(int(getattr(i, "long_call_workers", 0)) for i in instances)
-        self.executor = ThreadPoolExecutor(max_workers=self.workers + extra, thread_name_prefix="cdtwist-grpc")
+        self.executor = HandoffPool(self.workers + extra, "cdtwist-grpc")
         server = self._new_server()
-        _register(server, instances, "register_grpc")
+        _register(server, instances, "register_grpc", self.interceptor)
         if server.add_insecure_port("unix:" + self.address) == 0:
             raise OSError(f"failed to listen on {self.address}")
         self._bound = True
@@ -125,7 +125,7 @@ class GRPCServerService(Service):
             # listener (TLS with verified client certificates, or any endpoint
             # string) and bridges each connection to it.
             tcp = self._new_server()
-            _register(tcp, instances, "register_tcp")
+            _register(tcp, instances, "register_tcp", self.interceptor)
             prepare_unix_path(self.bridge_socket)
             if tcp.add_insecure_port("unix:" + self.bridge_socket) == 0:
                 raise OSError(f"failed to listen on {self.bridge_socket}")
@@ -213,11 +213,154 @@ class GRPCServerService(Service):
         await deferToThreadPool(self.reactor, self.io_pool, self._finish_stop)
 
 
-class _RecordingServer:
-    """Passes registrations to the grpcio server and remembers the service names."""
+class _Task:
+    """One submitted call; the part of ``concurrent.futures.Future`` grpcio uses."""
 
-    def __init__(self, server: grpc.Server) -> None:
+    __slots__ = ("args", "callbacks", "done", "fn", "pool")
+
+    def __init__(self, pool: HandoffPool, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.pool = pool
+        self.fn = fn
+        self.args = args
+        self.callbacks: list[Callable[[_Task], Any]] | None = None
+        self.done = False
+
+    def add_done_callback(self, callback: Callable[[_Task], Any]) -> None:
+        with self.pool._lock:
+            if not self.done:
+                if self.callbacks is None:
+                    self.callbacks = [callback]
+                else:
+                    self.callbacks.append(callback)
+                return
+        callback(self)
+
+    def _finish(self) -> None:
+        with self.pool._lock:
+            self.done = True
+            callbacks, self.callbacks = self.callbacks, None
+        if callbacks:
+            for callback in callbacks:
+                try:
+                    callback(self)
+                except Exception:
+                    log.failure("gRPC pool: done callback failed", failure=None)
+
+
+class _Parked:
+    """An idle worker, blocked on its own lock until a task is handed to it."""
+
+    __slots__ = ("gate", "task")
+
+    def __init__(self) -> None:
+        self.gate = threading.Lock()
+        self.gate.acquire()
+        self.task: _Task | None = None
+
+
+class HandoffPool:
+    """The gRPC handlers' thread pool: grpcio's ``submit`` hands a call straight to an idle worker.
+
+    Same contract as the ``ThreadPoolExecutor`` it replaces (threads made on
+    demand up to ``max_workers``, never retired; calls past that wait in a
+    FIFO backlog), but cheaper per call, which is what bounds a grpcio server
+    holding the GIL: a submit wakes exactly one parked worker through its own
+    lock (no shared queue, semaphore or ``Future`` condition), and the worker
+    that finished last is the one woken next (LIFO), so a sequential client
+    keeps meeting the same warm thread instead of a round-robin of them.
+    """
+
+    def __init__(self, max_workers: int, name: str) -> None:
+        if max_workers < 1:
+            raise ValueError("max_workers must be >= 1")
+        self.max_workers = max_workers
+        self.name = name
+        self._lock = threading.Lock()
+        self._idle: list[_Parked] = []
+        self._backlog: deque[_Task] = deque()
+        self._threads: set[threading.Thread] = set()
+        self._made = 0
+        self._shutdown = False
+
+    def queue_length(self) -> int:
+        """Calls submitted and waiting for a worker."""
+        return len(self._backlog)
+
+    def worker_count(self) -> int:
+        return len(self._threads)
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any) -> _Task:
+        task = _Task(self, fn, args)
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if self._idle:
+                parked = self._idle.pop()
+                parked.task = task
+                parked.gate.release()
+                return task
+            self._backlog.append(task)
+            if len(self._threads) < self.max_workers:
+                thread = threading.Thread(target=self._work, name=f"{self.name}_{self._made}", daemon=True)
+                self._made += 1
+                self._threads.add(thread)
+                thread.start()
+        return task
+
+    def _work(self) -> None:
+        me = _Parked()
+        lock = self._lock
+        task: _Task | None = None
+        try:
+            while True:
+                with lock:
+                    if self._backlog:
+                        task = self._backlog.popleft()
+                    elif self._shutdown:
+                        return
+                    else:
+                        self._idle.append(me)
+                if task is None:
+                    me.gate.acquire()
+                    task, me.task = me.task, None
+                    if task is None:  # woken by shutdown
+                        return
+                try:
+                    task.fn(*task.args)
+                except BaseException:
+                    # grpcio's own call bodies catch everything; this is a last resort.
+                    log.failure("gRPC pool: task failed", failure=None)
+                task._finish()
+                task = None
+        finally:
+            with lock:
+                self._threads.discard(threading.current_thread())
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+            dropped: list[_Task] = []
+            if cancel_futures:
+                dropped = list(self._backlog)
+                self._backlog.clear()
+            idle, self._idle = self._idle, []
+            threads = list(self._threads)
+        for parked in idle:
+            parked.gate.release()  # task None: exit
+        for task in dropped:
+            task._finish()
+        if wait:
+            for thread in threads:
+                if thread is not threading.current_thread():
+                    thread.join()
+
+
+class _RecordingServer:
+    """Passes registrations to the grpcio server, each handler wrapped, and remembers the service names."""
+
+    def __init__(self, server: grpc.Server, interceptor: ErrorAndMetricsInterceptor) -> None:
         self._server = server
+        self._interceptor = interceptor
         self.services: set[str] = set()
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
@@ -225,11 +368,16 @@ class _RecordingServer:
             name = getattr(handler, "service_name", None)
             if callable(name):
                 self.services.add(name())
-        self._server.add_generic_rpc_handlers(handlers)
+        self._server.add_generic_rpc_handlers(
+            tuple(InterceptedGenericHandler(h, self._interceptor) for h in handlers)
+        )
 
     def add_registered_method_handlers(self, service_name: str, handlers: Any) -> None:
         self.services.add(service_name)
-        self._server.add_registered_method_handlers(service_name, handlers)
+        wrap = self._interceptor.wrap
+        self._server.add_registered_method_handlers(
+            service_name, {name: wrap(f"/{service_name}/{name}", h) for name, h in handlers.items()}
+        )
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._server, name)
@@ -254,10 +402,10 @@ class _UnknownHandler(grpc.GenericRpcHandler):
         return grpc.stream_stream_rpc_method_handler(abort)
 
 
-def _register(server: grpc.Server, instances: list[Any], method: str) -> None:
-    recorder = _RecordingServer(server)
+def _register(server: grpc.Server, instances: list[Any], method: str, interceptor: ErrorAndMetricsInterceptor) -> None:
+    recorder = _RecordingServer(server, interceptor)
     for instance in instances:
         register = getattr(instance, method, None)
         if callable(register):
             register(recorder)
-    server.add_generic_rpc_handlers((_UnknownHandler(recorder.services),))
+    recorder.add_generic_rpc_handlers((_UnknownHandler(recorder.services),))
