@@ -152,22 +152,76 @@ class RunTests(TestCase):
         return ensureDeferred(run())
 
     def test_spawn_does_not_fork(self) -> Deferred[None]:
-        """Twisted takes its posix_spawnp path for these arguments."""
-        from twisted.internet import process
+        """Children start through subprocess's vfork path: no preexec_fn, vfork allowed."""
+        import threading
 
-        used: list[bool] = []
-        original = process.Process._trySpawnInsteadOfFork
+        seen: list[tuple[object, str]] = []
+        original = subprocess.Popen
 
-        def spy(self: object, *args: object) -> bool:
-            result = original(self, *args)  # type: ignore[arg-type]
-            used.append(result)
-            return result
+        def spy(*args: object, **kwargs: object) -> object:
+            seen.append((kwargs.get("preexec_fn"), threading.current_thread().name))
+            return original(*args, **kwargs)  # type: ignore[call-overload]
 
-        self.patch(process.Process, "_trySpawnInsteadOfFork", spy)
+        self.patch(subprocess, "Popen", spy)
 
         async def run() -> None:
             await run_process(reactor, ["/bin/true"], env={}, cwd="/tmp")
-            self.assertEqual(used, [True])
+            self.assertEqual([preexec for preexec, _ in seen], [None])
+            self.assertTrue(getattr(subprocess, "_USE_VFORK", True))
+
+        return ensureDeferred(run())
+
+    def test_without_pidfd_a_thread_waits(self) -> Deferred[None]:
+        from cdtwist.runtime import binary
+
+        def no_pidfd(pid: int) -> int:
+            raise OSError(38, "Function not implemented")
+
+        self.patch(binary.os, "pidfd_open", no_pidfd)
+        d = short_tmpdir(self)
+
+        async def run() -> None:
+            result = await run_process(
+                reactor, ["/bin/sh", "-c", "pwd; cat; exit 2"], env={"PATH": "/usr/bin:/bin"}, cwd=d, stdin=b"x\n"
+            )
+            self.assertEqual((result.stdout, result.exit_code), (f"{d}\nx\n".encode(), 2))
+            result = await run_process(reactor, ["/bin/sleep", "30"], env={}, timeout=0.2)
+            self.assertEqual(result.signal, 9)
+
+        return ensureDeferred(run())
+
+    def test_large_output_and_input(self) -> Deferred[None]:
+        """More than a pipe buffer each way: stdin is fed as the child drains it."""
+        data = os.urandom(300_000)
+
+        async def run() -> None:
+            result = await run_process(reactor, ["/bin/cat"], env={}, stdin=data)
+            self.assertEqual((result.stdout, result.exit_code), (data, 0))
+
+        return ensureDeferred(run())
+
+    def test_child_ignoring_stdin(self) -> Deferred[None]:
+        async def run() -> None:
+            result = await run_process(reactor, ["/bin/true"], env={}, stdin=os.urandom(300_000))
+            self.assertEqual(result.exit_code, 0)
+
+        return ensureDeferred(run())
+
+    def test_no_descriptor_leaks(self) -> Deferred[None]:
+        async def run() -> None:
+            await run_process(reactor, ["/bin/true"], env={})
+            before = len(os.listdir("/proc/self/fd"))
+            for _ in range(5):
+                await run_process(reactor, ["/bin/cat"], env={}, stdin=b"x")
+            self.assertEqual(len(os.listdir("/proc/self/fd")), before)
+
+        return ensureDeferred(run())
+
+    def test_missing_binary_reads_like_go(self) -> Deferred[None]:
+        async def run() -> None:
+            with self.assertRaises(CdtwistError) as e:
+                await run_process(reactor, ["/nonexistent/shim", "start"], env={})
+            self.assertEqual(str(e.exception), "fork/exec /nonexistent/shim: no such file or directory")
 
         return ensureDeferred(run())
 

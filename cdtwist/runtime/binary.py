@@ -11,28 +11,34 @@ the bundle as working directory and the task options (a marshalled ``Any``)
 on stdin.  ``start`` prints the shim's ttrpc address; ``delete`` prints a
 ``DeleteResponse``.
 
-The daemon holds grpcio objects, so it must never ``fork()``: processes are
-started with ``reactor.spawnProcess(..., path=None)``, which Twisted turns
-into ``posix_spawnp``.  posix_spawn cannot change the child's working
-directory, so the command goes through ``env -C <bundle>`` (coreutils),
-one cheap ``exec`` more.
+The daemon holds grpcio objects, so it must never ``fork()``: commands start
+through :mod:`subprocess`, which uses ``vfork()`` + ``exec`` (no
+``pthread_atfork`` handlers, the parent's memory is never copied; the child
+changes to the bundle dir itself, as Go's ``exec.Cmd.Dir`` does).  The
+reactor then watches the child's pipes and a pidfd for its exit, so nothing
+waits on a thread.  (Spawning through Twisted's ``spawnProcess`` cost the
+reactor several milliseconds a command: it lists and probes every open
+descriptor and every signal's disposition, and needed an ``env -C`` exec
+for the working directory.)
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from cdtwist.api.runtime.task.v2 import shim_pb2
 from cdtwist.errors import CdtwistError
@@ -43,8 +49,6 @@ log = get_logger(__name__)
 
 SHIM_BINARY_FORMAT = "containerd-shim-{}-{}"
 TTRPC_ADDRESS_ENV = "TTRPC_ADDRESS"
-#: coreutils ``env``: ``env -C DIR CMD`` gives the child a working directory under posix_spawn.
-ENV_BINARY = shutil.which("env") or "/usr/bin/env"
 
 
 def binary_name(runtime: str) -> str:
@@ -95,39 +99,6 @@ class ProcessResult:
         return f"exit status {self.exit_code}"
 
 
-class _Collector(ProcessProtocol):
-    """Feeds stdin, then collects stdout and stderr until the child is reaped."""
-
-    def __init__(self, stdin: bytes) -> None:
-        self.stdin = stdin
-        self.out: list[bytes] = []
-        self.err: list[bytes] = []
-        self.done: Deferred[ProcessResult] = Deferred()
-
-    def connectionMade(self) -> None:  # noqa: N802 - Twisted's name
-        assert self.transport is not None
-        if self.stdin:
-            self.transport.write(self.stdin)
-        # The shim reads stdin to EOF (io.ReadAll): always close it.
-        self.transport.closeStdin()
-
-    def outReceived(self, data: bytes) -> None:  # noqa: N802
-        self.out.append(data)
-
-    def errReceived(self, data: bytes) -> None:  # noqa: N802
-        self.err.append(data)
-
-    def processEnded(self, reason: Failure) -> None:  # noqa: N802
-        exit_code: int | None = 0
-        sig: int | None = None
-        if isinstance(reason.value, ProcessTerminated):
-            exit_code = reason.value.exitCode
-            sig = reason.value.signal
-        elif not isinstance(reason.value, ProcessDone):
-            exit_code = None
-        self.done.callback(ProcessResult(exit_code, sig, b"".join(self.out), b"".join(self.err)))
-
-
 def run_process(
     reactor: Any,
     argv: Sequence[str],
@@ -137,34 +108,212 @@ def run_process(
     stdin: bytes = b"",
     timeout: float | None = None,
 ) -> Deferred[ProcessResult]:
-    """Spawn ``argv`` without forking (posix_spawn) and collect its output.
+    """Run ``argv`` (vfork + exec, never fork) and collect its output; fires on the reactor.
 
-    ``cwd`` goes through ``env -C``; ``timeout`` kills the child (SIGKILL),
-    as Go's ``exec.CommandContext`` does when its context ends.
+    The child runs in ``cwd``; ``timeout`` kills it (SIGKILL), as Go's
+    ``exec.CommandContext`` does when its context ends.  The result comes once
+    the child is reaped and its stdout and stderr are closed.  A child that
+    cannot be started fails with Go's ``fork/exec <path>: <error>``.
+
+    The child is started on the calling (reactor) thread; its pipes and a
+    pidfd (readable once it exits) are watched by the reactor, so no thread
+    hand-off lies between the child's exit and the result.  Without pidfds
+    (Linux < 5.3) a thread of its own waits for the child instead.
     """
-    proto = _Collector(stdin)
-    args = list(argv)
-    if cwd is not None:
-        args = [ENV_BINARY, "-C", cwd, *args]
-    # path=None, uid=None, gid=None: Twisted may use posix_spawnp instead of fork.
-    transport = reactor.spawnProcess(proto, args[0], args, env=dict(env), path=None)
-    if timeout is not None:
-        timer = reactor.callLater(timeout, _kill, transport)
-
-        def cancel_timer(result: ProcessResult) -> ProcessResult:
-            if timer.active():
-                timer.cancel()
-            return result
-
-        proto.done.addCallback(cancel_timer)
-    return proto.done
+    if hasattr(os, "pidfd_open") and hasattr(reactor, "addReader"):
+        try:
+            return _ReactorChild(reactor, list(argv), dict(env), cwd, stdin, timeout).done
+        except _NoPidfd:
+            pass
+    return _run_in_thread(reactor, list(argv), dict(env), cwd, stdin, timeout)
 
 
-def _kill(transport: Any) -> None:
+class _NoPidfd(Exception):
+    """pidfd_open is not supported here (the child was killed and reaped)."""
+
+
+def _spawn(
+    argv: list[str], env: dict[str, str], cwd: str | None, stdin: int, stdout: int, stderr: int
+) -> subprocess.Popen[bytes]:
     try:
-        transport.signalProcess("KILL")
-    except Exception:  # already gone
-        pass
+        return subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, env=env, cwd=cwd, close_fds=True)
+    except OSError as e:
+        raise CdtwistError(f"fork/exec {argv[0]}: {(e.strerror or str(e)).lower()}") from None
+
+
+def _result(code: int, out: bytes, err: bytes) -> ProcessResult:
+    if code < 0:
+        return ProcessResult(None, -code, out, err)
+    return ProcessResult(code, None, out, err)
+
+
+@implementer(IReadDescriptor, IWriteDescriptor)
+class _Pipe:
+    """One non-blocking descriptor the reactor watches for a :class:`_ReactorChild`."""
+
+    def __init__(self, fd: int, on_event: Callable[[_Pipe], None]) -> None:
+        self.fd = fd
+        self.on_event = on_event
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def logPrefix(self) -> str:  # noqa: N802 - Twisted's name
+        return "shim-exec"
+
+    def doRead(self) -> None:  # noqa: N802
+        self.on_event(self)
+
+    def doWrite(self) -> None:  # noqa: N802
+        self.on_event(self)
+
+    def connectionLost(self, reason: object) -> None:  # noqa: N802
+        # A hang-up without data (a pipe's EOF, a closed reader of stdin) arrives here, not in doRead.
+        self.on_event(self)
+
+
+class _ReactorChild:
+    """A child whose stdin, stdout, stderr and exit the reactor watches."""
+
+    def __init__(
+        self, reactor: Any, argv: list[str], env: dict[str, str], cwd: str | None, stdin: bytes, timeout: float | None
+    ) -> None:
+        self.reactor = reactor
+        self.done: Deferred[ProcessResult] = Deferred()
+        self.out: list[bytes] = []
+        self.err: list[bytes] = []
+        self.stdin = memoryview(stdin)
+        self.code: int | None = None
+        self.timer: Any = None
+        in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            self.proc = _spawn(argv, env, cwd, in_r, out_w, err_w)
+        except BaseException:
+            for fd in (in_r, in_w, out_r, out_w, err_r, err_w):
+                os.close(fd)
+            raise
+        for fd in (in_r, out_w, err_w):
+            os.close(fd)
+        try:
+            self.pidfd = os.pidfd_open(self.proc.pid)
+        except OSError:
+            for fd in (in_w, out_r, err_r):
+                os.close(fd)
+            self.proc.kill()
+            self.proc.wait()
+            raise _NoPidfd() from None
+        for fd in (in_w, out_r, err_r):
+            os.set_blocking(fd, False)
+        self.stdin_pipe: _Pipe | None = _Pipe(in_w, self._write_stdin)
+        self.readers = {_Pipe(out_r, self._read), _Pipe(err_r, self._read)}
+        self.out_fd = out_r
+        self.exit_pipe: _Pipe | None = _Pipe(self.pidfd, self._exited)
+        for pipe in self.readers:
+            reactor.addReader(pipe)
+        reactor.addReader(self.exit_pipe)
+        # The shim reads stdin to EOF (io.ReadAll): always close it.
+        self._write_stdin(self.stdin_pipe)
+        if timeout is not None and self.exit_pipe is not None:
+            self.timer = reactor.callLater(timeout, self._kill)
+
+    def _write_stdin(self, pipe: _Pipe) -> None:
+        if pipe is not self.stdin_pipe:  # already closed
+            return
+        while self.stdin:
+            try:
+                n = os.write(pipe.fd, self.stdin)
+            except BlockingIOError:
+                self.reactor.addWriter(pipe)
+                return
+            except OSError:  # the child closed its stdin: nothing more to feed
+                break
+            self.stdin = self.stdin[n:]
+        self.reactor.removeWriter(pipe)
+        os.close(pipe.fd)
+        self.stdin_pipe = None
+
+    def _read(self, pipe: _Pipe) -> None:
+        if pipe not in self.readers:  # already closed
+            return
+        chunks = self.out if pipe.fd == self.out_fd else self.err
+        while True:
+            try:
+                data = os.read(pipe.fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.reactor.removeReader(pipe)
+                os.close(pipe.fd)
+                self.readers.discard(pipe)
+                self._maybe_done()
+                return
+            chunks.append(data)
+
+    def _exited(self, pipe: _Pipe) -> None:
+        if pipe is not self.exit_pipe:  # already closed
+            return
+        code = self.proc.poll()
+        if code is None:  # not yet a zombie (cannot happen with a readable pidfd): wait for the next event
+            return
+        self.code = code
+        self.reactor.removeReader(pipe)
+        os.close(pipe.fd)
+        self.exit_pipe = None
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self._maybe_done()
+
+    def _kill(self) -> None:
+        if self.exit_pipe is not None:
+            try:
+                self.proc.kill()
+            except OSError:
+                pass
+
+    def _maybe_done(self) -> None:
+        if self.code is None or self.readers or self.done.called:
+            return
+        if self.stdin_pipe is not None:
+            self.reactor.removeWriter(self.stdin_pipe)
+            os.close(self.stdin_pipe.fd)
+            self.stdin_pipe = None
+        self.done.callback(_result(self.code, b"".join(self.out), b"".join(self.err)))
+
+
+def _run_in_thread(
+    reactor: Any, argv: list[str], env: dict[str, str], cwd: str | None, stdin: bytes, timeout: float | None
+) -> Deferred[ProcessResult]:
+    d: Deferred[ProcessResult] = Deferred()
+
+    def work() -> None:
+        try:
+            result = _run_blocking(argv, env, cwd, stdin, timeout)
+        except BaseException:
+            failure = Failure()
+            reactor.callFromThread(d.errback, failure)
+        else:
+            reactor.callFromThread(d.callback, result)
+
+    threading.Thread(target=work, name="cdtwist-exec", daemon=True).start()
+    return d
+
+
+def _run_blocking(
+    argv: list[str], env: dict[str, str], cwd: str | None, stdin: bytes, timeout: float | None
+) -> ProcessResult:
+    """On a thread of its own: start, feed stdin (then close it), collect, reap."""
+    PIPE = subprocess.PIPE
+    proc = _spawn(argv, env, cwd, PIPE, PIPE, PIPE)
+    try:
+        out, err = proc.communicate(stdin, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return _result(proc.returncode, out, err)
 
 
 @dataclass

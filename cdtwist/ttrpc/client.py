@@ -537,6 +537,17 @@ def _named(name: str) -> Callable[[], None]:
 # Twisted adapter
 
 
+_txaio_selected = False
+
+
+def _use_twisted() -> None:
+    """``txaio.use_twisted()`` once (it re-imports and rebinds txaio's globals on every call)."""
+    global _txaio_selected
+    if not _txaio_selected:
+        txaio.use_twisted()
+        _txaio_selected = True
+
+
 class TTRPCClientProtocol(Protocol):
     """Feeds a :class:`TTRPCClient` from a Twisted transport; futures are Deferreds."""
 
@@ -545,7 +556,7 @@ class TTRPCClientProtocol(Protocol):
             from twisted.internet import reactor as global_reactor
 
             reactor = global_reactor
-        txaio.use_twisted()
+        _use_twisted()
         self.reactor = reactor
         self.max_length = max_length
         self.client: TTRPCClient | None = None
