@@ -194,20 +194,7 @@ class Daemon(OrderedMultiService):
                 ) from None
 
     def _lock_root(self) -> None:
-        path = os.path.join(self.config.root, LOCK_FILE)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise BootError(
-                f"root {self.config.root} is in use by another daemon (pid {holder}); "
-                "only one daemon may use a root at a time"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        self._lock_fd = lock_root(self.config.root, LOCK_FILE, "daemon")
 
     def _release(self) -> None:
         if self._lock_fd is not None:
@@ -300,11 +287,37 @@ class Daemon(OrderedMultiService):
 
     def _exit_if_failed(self) -> None:
         if self.exit_code:
-            import sys
+            exit_now(self.exit_code)
 
-            for stream in (sys.stdout, sys.stderr):
-                stream.flush()
-            os._exit(self.exit_code)
+
+def lock_root(root: str, lock_file: str, holder_kind: str) -> int:
+    """Take the single-user lock of ``root`` (blocking I/O); the fd holds it.
+
+    :raises BootError: naming the root and the pid that holds it.
+    """
+    path = os.path.join(root, lock_file)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise BootError(
+            f"root {root} is in use by another {holder_kind} (pid {holder}); "
+            f"only one {holder_kind} may use a root at a time"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def exit_now(code: int) -> None:
+    """Leave with ``code`` after the reactor stopped (twistd itself would exit 0)."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def maybe_deferred(fn: Callable[..., Any], *args: Any) -> Deferred[Any]:

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import grpc
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -172,3 +173,45 @@ class ProxyChannel:
 def _prepare_socket_path(path: str) -> None:
     os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
     remove_socket(path)
+
+
+S = TypeVar("S")
+T = TypeVar("T")
+
+
+class ProxyClient(Generic[S]):
+    """What a proxy plugin's instance shares: the stub, error mapping, health, stopping."""
+
+    #: the generated stub class of the API the plugin forwards
+    stub_class: Callable[[grpc.Channel], S]
+
+    def __init__(self, name: str, channel: ProxyChannel) -> None:
+        self.name = name
+        self.channel = channel
+
+    def _call(self, fn: Callable[[S], T]) -> T:
+        """One call on a fresh stub; the peer's status becomes cdtwist's error class."""
+        try:
+            return fn(self.stub_class(self.channel.get()))
+        except grpc.RpcError as e:
+            raise rpc_error(e) from None
+
+    def _stream(self, open_stream: Callable[[S], Any]) -> Iterator[Any]:
+        """The messages of a server stream; cancelled if the caller stops early."""
+        stream = self._call(open_stream)
+        try:
+            while True:
+                try:
+                    yield next(stream)
+                except StopIteration:
+                    return
+                except grpc.RpcError as e:
+                    raise rpc_error(e) from None
+        finally:
+            stream.cancel()
+
+    def health_error(self) -> Exception | None:
+        return self.channel.health_error()
+
+    def stop(self) -> Deferred[None]:
+        return self.channel.stop()

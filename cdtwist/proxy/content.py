@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import queue
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
 import grpc
 from google.protobuf import field_mask_pb2
@@ -23,37 +23,18 @@ from cdtwist.api.services.content.v1 import content_pb2_grpc as api_grpc
 from cdtwist.content.local import Info, Status
 from cdtwist.content.wire import from_timestamp, info_from_grpc, info_to_grpc, status_from_grpc
 from cdtwist.errors import CdtwistError, FailedPrecondition
-from cdtwist.proxy.channel import ProxyChannel, rpc_error
+from cdtwist.proxy.channel import ProxyClient, rpc_error
 from cdtwist.snapshots import wrap_error
-
-if TYPE_CHECKING:
-    from twisted.internet.defer import Deferred
-
-T = TypeVar("T")
 
 #: ``iter_chunks`` asks the peer for the whole range in one stream; this
 #: bounds one ``read_at`` instead (containerd reads in the caller's sizes).
 _READ_CHUNK = 1 << 20
 
 
-class ProxyContentStore:
+class ProxyContentStore(ProxyClient[api_grpc.ContentStub]):
     """The backend interface of :class:`~cdtwist.content.local.LocalStore`, over a :class:`ProxyChannel`."""
 
-    def __init__(self, name: str, channel: ProxyChannel) -> None:
-        self.name = name
-        self.channel = channel
-
-    def _stub(self) -> api_grpc.ContentStub:
-        return api_grpc.ContentStub(self.channel.get())
-
-    def _call(self, fn: Callable[[api_grpc.ContentStub], T]) -> T:
-        try:
-            return fn(self._stub())
-        except grpc.RpcError as e:
-            raise rpc_error(e) from None
-
-    def health_error(self) -> Exception | None:
-        return self.channel.health_error()
+    stub_class = api_grpc.ContentStub
 
     # -- blobs ----------------------------------------------------------------
 
@@ -75,19 +56,6 @@ class ProxyContentStore:
     def reader(self, digest: str) -> ProxyReaderAt:
         """``ReaderAt``: the blob's size from ``Info``, bytes from ``Read`` streams."""
         return ProxyReaderAt(self, digest, self.info(digest).size)
-
-    def _stream(self, open_stream: Callable[[api_grpc.ContentStub], Any]) -> Iterator[Any]:
-        stream = self._call(open_stream)
-        try:
-            while True:
-                try:
-                    yield next(stream)
-                except StopIteration:
-                    return
-                except grpc.RpcError as e:
-                    raise rpc_error(e) from None
-        finally:
-            stream.cancel()
 
     # -- ingests --------------------------------------------------------------
 
@@ -116,9 +84,6 @@ class ProxyContentStore:
         writer.offset = resp.offset
         writer.total = resp.total
         return writer
-
-    def stop(self) -> Deferred[None]:
-        return self.channel.stop()
 
 
 class ProxyReaderAt:

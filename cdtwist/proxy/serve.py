@@ -16,7 +16,6 @@ stop in reverse on SIGTERM/SIGINT, and log in containerd's format.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import sys
@@ -32,6 +31,7 @@ from twisted.python.threadpool import ThreadPool
 
 from cdtwist import SERVER_VERSION
 from cdtwist.config import GRPCConfig
+from cdtwist.daemon import exit_now, lock_root
 from cdtwist.grpc.server import GRPCServerService
 from cdtwist.log import get_logger, make_observer, parse_level
 from cdtwist.plugin.service import OrderedMultiService
@@ -148,17 +148,7 @@ class StoreService(Service):
 
     def _open(self) -> None:
         os.makedirs(self.root, 0o700, exist_ok=True)
-        path = os.path.join(self.root, LOCK_FILE)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise ServeError(f"root {self.root} is in use by another process (pid {holder})") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        self._lock_fd = lock_root(self.root, LOCK_FILE, "serve-plugin")
         try:
             self.store = open_store(self.kind, self.root, self.upperdir_label)
         except BaseException:
@@ -183,10 +173,6 @@ class StoreService(Service):
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-
-
-class ServeError(Exception):
-    """Serving cannot start; the message is for the operator."""
 
 
 class PluginServer(OrderedMultiService):
@@ -280,9 +266,7 @@ class PluginServer(OrderedMultiService):
 
     def _exit_if_failed(self) -> None:
         if self.exit_code:
-            for stream in (sys.stdout, sys.stderr):
-                stream.flush()
-            os._exit(self.exit_code)
+            exit_now(self.exit_code)
 
 
 def makeService(options: ServeOptions) -> PluginServer:  # noqa: N802 - twistd's name

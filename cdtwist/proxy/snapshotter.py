@@ -10,43 +10,22 @@ Every method blocks on the network: callers are on pool threads.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Mapping
 
-import grpc
 from google.protobuf import field_mask_pb2
 
 from cdtwist.api.services.snapshots.v1 import snapshots_pb2 as api
 from cdtwist.api.services.snapshots.v1 import snapshots_pb2_grpc as api_grpc
 from cdtwist.mount import Mount
-from cdtwist.proxy.channel import ProxyChannel, rpc_error
+from cdtwist.proxy.channel import ProxyClient
 from cdtwist.snapshots import Info, Snapshotter, Usage, WalkFunc
 from cdtwist.snapshots.wire import info_from_grpc, info_to_grpc, mounts_from_grpc
 
-if TYPE_CHECKING:
-    from twisted.internet.defer import Deferred
 
-T = TypeVar("T")
-
-
-class ProxySnapshotter(Snapshotter):
+class ProxySnapshotter(ProxyClient[api_grpc.SnapshotsStub], Snapshotter):
     """:class:`~cdtwist.snapshots.Snapshotter` over a :class:`ProxyChannel`; also a ``Cleaner``."""
 
-    def __init__(self, name: str, channel: ProxyChannel) -> None:
-        self.name = name
-        self.channel = channel
-
-    def _stub(self) -> api_grpc.SnapshotsStub:
-        return api_grpc.SnapshotsStub(self.channel.get())
-
-    def _call(self, fn: Callable[[api_grpc.SnapshotsStub], T]) -> T:
-        try:
-            return fn(self._stub())
-        except grpc.RpcError as e:
-            raise rpc_error(e) from None
-
-    def health_error(self) -> Exception | None:
-        return self.channel.health_error()
+    stub_class = api_grpc.SnapshotsStub
 
     def stat(self, key: str) -> Info:
         req = api.StatSnapshotRequest(snapshotter=self.name, key=key)
@@ -83,19 +62,9 @@ class ProxySnapshotter(Snapshotter):
 
     def walk(self, fn: WalkFunc, *filters: str) -> None:
         req = api.ListSnapshotsRequest(snapshotter=self.name, filters=filters)
-        stream: Any = self._call(lambda s: s.List(req))
-        try:
-            while True:
-                try:
-                    resp = next(stream)
-                except StopIteration:
-                    return
-                except grpc.RpcError as e:
-                    raise rpc_error(e) from None
-                for info in resp.info:
-                    fn(info_from_grpc(info))
-        finally:
-            stream.cancel()  # a walk stopped early must not leave the stream open
+        for resp in self._stream(lambda s: s.List(req)):
+            for info in resp.info:
+                fn(info_from_grpc(info))
 
     def cleanup(self) -> None:
         self._call(lambda s: s.Cleanup(api.CleanupRequest(snapshotter=self.name)))
@@ -103,5 +72,4 @@ class ProxySnapshotter(Snapshotter):
     def close(self) -> None:
         """The channel is the plugin's, closed when the plugin stops."""
 
-    def stop(self) -> Deferred[None] | None:
-        return self.channel.stop()
+    stop = ProxyClient.stop  # not Snapshotter.stop: there is no store to close

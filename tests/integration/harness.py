@@ -512,6 +512,11 @@ class DaemonProcess:
         return f"<{type(self).__name__} {self.tmpdir} pid={self.proc.pid if self.proc else None}>"
 
 
+def checkout_python_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a Python process running this checkout's cdtwist, output unbuffered."""
+    return {**env, "PYTHONPATH": REPO_ROOT, "PYTHONUNBUFFERED": "1"}
+
+
 class CdtwistDaemon(DaemonProcess):
     """``twistd -n --pidfile= cdtwist -c <config>`` with the checkout on PYTHONPATH."""
 
@@ -527,10 +532,7 @@ class CdtwistDaemon(DaemonProcess):
         return [sys.executable, "-c", TWISTD_MAIN, "-n", "--pidfile=", "cdtwist", "-c", self.config_path, *self.args]
 
     def environment(self) -> dict[str, str]:
-        env = super().environment()
-        env["PYTHONPATH"] = REPO_ROOT
-        env["PYTHONUNBUFFERED"] = "1"
-        return env
+        return checkout_python_env(super().environment())
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Serving on the API socket, and every listener up (the daemon logs when it is)."""
@@ -564,10 +566,7 @@ class PluginServerProcess(DaemonProcess):
         ]  # fmt: skip
 
     def environment(self) -> dict[str, str]:
-        env = super().environment()
-        env["PYTHONPATH"] = REPO_ROOT
-        env["PYTHONUNBUFFERED"] = "1"
-        return env
+        return checkout_python_env(super().environment())
 
     def wait_ready(self, timeout: float | None = None) -> None:
         deadline = time.monotonic() + (timeout if timeout is not None else self.start_timeout)

@@ -27,8 +27,8 @@ from twisted.trial import unittest
 from cdtwist.mount import MNT_DETACH, mounted_under, unmount
 from tests.integration.go_suite import GoSuite
 from tests.integration.harness import (
-    REPO_ROOT,
     DaemonProcess,
+    checkout_python_env,
     processes_referencing,
     require_root,
     start_cdtwist,
@@ -82,56 +82,45 @@ class SnapshotsTestSuiteTests(unittest.TestCase):
         require_root()  # the suite mounts
         build_suite()
 
-    def run_suite(self, daemon: DaemonProcess, snapshotter: str) -> None:
-        work = tempfile.mkdtemp(prefix="cdtss", dir="/tmp")
+    def run_go(self, test: str, label: str, env: dict[str, str]) -> None:
+        """Run Go test ``test`` of the suite binary; every subtest must pass (Rename: skip)."""
+        proc = subprocess.run(
+            [build_suite(), "-test.v", "-test.count=1", "-test.run", f"^{test}$", "-test.timeout=300s"],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT,
+        )
+        output = proc.stdout + proc.stderr
+        expected = {name: "PASS" for name in TESTS} | {name: "SKIP" for name in SKIPPED}
+        self.assertEqual(
+            (proc.returncode, results(output, test)), (0, expected), f"snapshots testsuite ({label}):\n{output}"
+        )
+
+    def workdir(self, prefix: str, *also_mounted_under: str) -> str:
+        work = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
         self.addCleanup(shutil.rmtree, work, True)
         # Registered after the daemon's cleanup, so it runs first: mounts must be gone while it still runs.
-        self.addCleanup(self.check_no_mounts, work, daemon.tmpdir)
+        self.addCleanup(self.check_no_mounts, work, *also_mounted_under)
+        return work
+
+    def run_suite(self, daemon: DaemonProcess, snapshotter: str) -> None:
+        work = self.workdir("cdtss", daemon.tmpdir)
         env = {
-            **os.environ,
             "SNAPSHOTS_ADDRESS": daemon.address,
             "SNAPSHOTS_SNAPSHOTTER": snapshotter,
             "SNAPSHOTS_PREFIX": f"suite{os.getpid()}{snapshotter[:3]}",
             "TMPDIR": work,
         }
-        proc = subprocess.run(
-            [build_suite(), "-test.v", "-test.count=1", "-test.timeout=300s"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=RUN_TIMEOUT,
-        )
-        output = proc.stdout + proc.stderr
-        expected = {name: "PASS" for name in TESTS} | {name: "SKIP" for name in SKIPPED}
-        self.assertEqual(
-            (proc.returncode, results(output)), (0, expected), f"snapshots testsuite ({snapshotter}):\n{output}"
-        )
+        self.run_go("TestSnapshotter", snapshotter, env)
 
     def run_serve_plugin_suite(self, kind: str) -> None:
         """Every test of the suite starts its own ``cdtwist serve-plugin <kind>`` on the test's root."""
-        work = tempfile.mkdtemp(prefix="cdtsp", dir="/tmp")
-        self.addCleanup(shutil.rmtree, work, True)
-        self.addCleanup(self.check_no_mounts, work)
-        env = {
-            **os.environ,
-            "PYTHONPATH": REPO_ROOT,
-            "SNAPSHOTS_SERVE_PLUGIN": f"{sys.executable} -m cdtwist.cli serve-plugin {kind}",
-            "TMPDIR": work,
-        }
-        proc = subprocess.run(
-            [build_suite(), "-test.v", "-test.count=1", "-test.run", "^TestServePlugin$", "-test.timeout=300s"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=RUN_TIMEOUT,
+        work = self.workdir("cdtsp")
+        env = checkout_python_env(
+            {"SNAPSHOTS_SERVE_PLUGIN": f"{sys.executable} -m cdtwist.cli serve-plugin {kind}", "TMPDIR": work}
         )
-        output = proc.stdout + proc.stderr
-        expected = {name: "PASS" for name in TESTS} | {name: "SKIP" for name in SKIPPED}
-        self.assertEqual(
-            (proc.returncode, results(output, "TestServePlugin")),
-            (0, expected),
-            f"snapshots testsuite (serve-plugin {kind}):\n{output}",
-        )
+        self.run_go("TestServePlugin", f"serve-plugin {kind}", env)
         # Every server was stopped by its test: none may be left running.
         self.assertEqual(processes_referencing(work), [])
 
