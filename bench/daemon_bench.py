@@ -481,16 +481,24 @@ class Bench:
                 log(f"{name}: RSS after boot {mib(out[name]['status_boot']['VmRSS']):.1f} MiB")
             samples: dict[str, list[int]] = {d.name: [] for d in ds}
             block_p50: dict[str, list[float]] = {d.name: [] for d in ds}
+            block_cpu: dict[str, list[float]] = {d.name: [] for d in ds}
             sizes = [a.calls // a.blocks + (1 if i < a.calls % a.blocks else 0) for i in range(a.blocks)]
             log(f"Version x{a.calls} each, in {a.blocks} alternating blocks")
             for b, n in enumerate(sizes):
                 for d in ds if b % 2 == 0 else reversed(ds):
-                    r = self.client.latency(insts[d.name].sock, n, a.warmup if b == 0 else min(a.warmup, 50))
+                    warmup = a.warmup if b == 0 else min(a.warmup, 50)
+                    pid = insts[d.name].proc.pid
+                    cpu0 = cpu_seconds(pid)
+                    r = self.client.latency(insts[d.name].sock, n, warmup)
+                    # Every call of the block, warm-up included, was served in this window.
+                    block_cpu[d.name].append((cpu_seconds(pid) - cpu0, n + warmup))
                     samples[d.name].extend(r["samples_ns"])
                     block_p50[d.name].append(r["stats"]["p50_us"])
             for name, inst in insts.items():
                 out[name]["latency"] = {
                     "rpc": "Version", "blocks": a.blocks, "block_p50_us": block_p50[name],
+                    # /proc CPU times tick every 10 ms: only the sum over the blocks is precise.
+                    "cpu_us_per_call": sum(c for c, _ in block_cpu[name]) / sum(k for _, k in block_cpu[name]) * 1e6,
                     "stats": summarize_us(samples[name]),
                 }
                 out[name]["status_after_latency"] = proc_status(inst.proc.pid)
@@ -555,8 +563,7 @@ def report(results: dict[str, Any]) -> str:
         "{:.1f}")
     row("threads after load", cd["status_after_load"]["Threads"], ct["status_after_load"]["Threads"], "{:.0f}")
     la, lb = cd["latency"]["stats"], ct["latency"]["stats"]
-    row(f"Version p50, {la['n']} sequential (us)", la["p50_us"], lb["p50_us"], "{:.0f}",
-        f"<= {TARGET_P50_RATIO:.0f}x containerd", la["p50_us"] <= TARGET_P50_RATIO * lb["p50_us"])
+    row(f"Version p50, {la['n']} sequential (us)", la["p50_us"], lb["p50_us"], "{:.0f}")
     blocks = results["config"]["blocks"]
     if blocks > 1:
 
@@ -564,7 +571,18 @@ def report(results: dict[str, Any]) -> str:
             return " ".join(f"{v:.0f}" for v in r["latency"]["block_p50_us"])
 
         info(f"  p50 of each of {blocks} ABBA blocks (us)", per_block(cd), per_block(ct))
+    ratios = block_ratios(results)
+    rows.append((
+        f"  Version p50 ratio, median of {len(ratios)} block pairs", "-", "-", f"{statistics.median(ratios):.2f}x",
+        f"<= {TARGET_P50_RATIO:.0f}x containerd", verdict(p50_ratio(results) <= TARGET_P50_RATIO),
+    ))
+    if len(ratios) > 1:
+        spread = f"{min(ratios):.2f}x / {max(ratios):.2f}x"
+        rows.append(("    min / max of the block-pair ratios", "-", "-", spread, "-", "-"))
     row("Version p99 (us)", la["p99_us"], lb["p99_us"], "{:.0f}")
+    if "cpu_us_per_call" in cd["latency"]:
+        row("Version: daemon CPU per call (us)", cd["latency"]["cpu_us_per_call"], ct["latency"]["cpu_us_per_call"],
+            "{:.0f}")
     row("Version mean (us)", la["mean_us"], lb["mean_us"], "{:.0f}")
     for c in results["config"]["concurrency"]:
         ta, tb = cd["throughput"][str(c)], ct["throughput"][str(c)]
@@ -598,14 +616,32 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def summary_targets(results: dict[str, Any]) -> list[str]:
+def block_ratios(results: dict[str, Any]) -> list[float]:
+    """cdtwist/containerd p50 of each block pair: the two blocks run back to back (ABBA order)."""
     cd, ct = results["daemons"]["cdtwist"], results["daemons"]["containerd"]
+    pairs = zip(cd["latency"]["block_p50_us"], ct["latency"]["block_p50_us"], strict=True)
+    return [a / b for a, b in pairs if b > 0]
+
+
+def p50_ratio(results: dict[str, Any]) -> float:
+    """The Version p50 target's statistic: the median over the block pairs of cdtwist/containerd.
+
+    Each pair is measured within a fraction of a second, so a burst of
+    background load hits both halves of a pair or neither; the median then
+    ignores the few pairs a burst split.  Pooled p50s are in the table too.
+    """
+    ratios = block_ratios(results)
+    return statistics.median(ratios) if ratios else float("inf")
+
+
+def summary_targets(results: dict[str, Any]) -> list[str]:
+    cd = results["daemons"]["cdtwist"]
     failed = []
     if cd["serving_median_s"] > TARGET_SERVING_S:
         failed.append("serving")
     if max(mib(cd[k]["VmRSS"]) for k in ("status_boot", "status_after_latency", "status_after_load")) > TARGET_RSS_MIB:
         failed.append("rss")
-    if cd["latency"]["stats"]["p50_us"] > TARGET_P50_RATIO * ct["latency"]["stats"]["p50_us"]:
+    if p50_ratio(results) > TARGET_P50_RATIO:
         failed.append("p50")
     return failed
 
@@ -620,7 +656,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spawns", type=int, help="spawns per daemon for the serving time (default 5)")
     p.add_argument("--calls", type=int, help="sequential Version calls (default 2000)")
     p.add_argument("--warmup", type=int, default=200, help="unmeasured Version calls first (default 200)")
-    p.add_argument("--blocks", type=int, default=4, help="alternating blocks the Version calls come in (default 4)")
+    p.add_argument("--blocks", type=int, default=10, help="alternating blocks the Version calls come in (default 10)")
     p.add_argument("--duration", type=float, help="seconds per concurrency level (default 5)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[16, 64], help="stream counts (default 16 64)")
     p.add_argument("--settle", type=float, default=0.5, help="seconds between serving and the boot RSS sample")
@@ -692,6 +728,7 @@ def main(argv: list[str] | None = None) -> int:
             r["serving_median_s"] = statistics.median(spawns[daemon.name]["wall"])
             r["serving_cpu_median_s"] = statistics.median(spawns[daemon.name]["cpu"])
         results["config"]["loadavg_end"] = loadavg()
+        results["p50_ratio_block_median"] = p50_ratio(results)
         failed = summary_targets(results)
         results["failed_targets"] = failed
         print(report(results))
