@@ -20,6 +20,7 @@ from google.protobuf import any_pb2
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from cdtwist.api.events import task_pb2 as events
@@ -175,6 +176,49 @@ class LifecycleTests(ManagerTestCase):
             self.assertEqual((create.bundle, create.stdout), (path, "/f/o"))
             self.assertEqual(create.options, options)
             self.assertEqual(self.exchange.published, [])  # the shim publishes task events, not the daemon
+
+        return ensureDeferred(run())
+
+    def test_create_in_a_prepared_bundle(self) -> Deferred[None]:
+        async def run() -> None:
+            self.assertTrue(self.runtime.is_ready())
+            self.assertFalse(self.runtime.exists("ns1", "c1"))
+            prepared = await deferToThread(self.runtime.prepare, "ns1", "c1", self.opts())
+            self.assertEqual(
+                sorted(os.listdir(self.bundle_path())), ["config.json", "log", "rootfs", "shim-binary-path", "work"]
+            )
+            shim = await self.runtime.create("ns1", "c1", self.opts(), prepared)
+            self.assertTrue(prepared.taken)
+            self.assertTrue(self.runtime.exists("ns1", "c1"))
+            self.assertIs(self.runtime.get("ns1", "c1"), shim)
+            (start,) = read_runs(self.record)
+            self.assertEqual(start["cwd"], self.bundle_path())
+            await self.runtime.discard(prepared)  # taken: nothing happens
+            self.assertTrue(os.path.isdir(self.bundle_path()))
+
+        return ensureDeferred(run())
+
+    def test_prepare_errors_and_discard(self) -> Deferred[None]:
+        async def run() -> None:
+            with self.assertRaises(CdtwistError) as e:
+                await deferToThread(self.runtime.prepare, "ns1", "c1", CreateOpts(spec=SPEC, runtime="nope"))
+            self.assertEqual(
+                str(e.exception),
+                "failed to start shim: failed to resolve runtime path: invalid runtime name nope, correct runtime "
+                "name should be either format like `io.containerd.runc.v1` or a full path to the binary",
+            )
+            self.assertFalse(os.path.exists(self.bundle_path()))
+            prepared = await deferToThread(self.runtime.prepare, "ns1", "c1", self.opts())
+            with self.assertRaises(CdtwistError) as e2:  # the bundle dir is taken
+                await deferToThread(self.runtime.prepare, "ns1", "c1", self.opts())
+            self.assertIn("file exists", str(e2.exception))
+            await self.runtime.discard(prepared)
+            self.assertTrue(prepared.taken)
+            self.assertFalse(os.path.exists(self.bundle_path()))
+            self.assertFalse(os.path.exists(os.path.join(self.root, "ns1", "c1")))
+            with self.assertRaises(OSError):
+                os.fstat(prepared.log_fd)
+            self.assertEqual(read_runs(self.record), [])
 
         return ensureDeferred(run())
 

@@ -198,6 +198,10 @@ class Exchange:
 
     def _dispatch(self, envelope: Envelope) -> None:
         log.debug("event published", topic=envelope.topic, ns=envelope.namespace, type=envelope.event.type_url)
+        if not self._subscribers:
+            # Nobody to hand it to: no wake-up of the reactor (a subscriber
+            # arriving after this point never saw this event in any case).
+            return
         if threadable.isInIOThread():
             self._broadcast(envelope)
         else:

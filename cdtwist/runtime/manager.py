@@ -108,6 +108,17 @@ class Timeouts:
     state: float = 2.0
 
 
+@dataclass
+class PreparedLaunch:
+    """A bundle made ahead of :meth:`ShimManager.start_shim` (see :meth:`ShimManager.prepare_launch`)."""
+
+    bundle: Bundle
+    runtime_path: str
+    log_fd: int
+    #: set on the reactor once start_shim (or discard_launch) has taken it over
+    taken: bool = False
+
+
 class TaskList:
     """Tasks by namespace then id (containerd's ``runtime.TaskList``); reactor thread only."""
 
@@ -314,6 +325,11 @@ class ShimManager:
         for d in waiters:
             d.callback(None)
 
+    def is_ready(self) -> bool:
+        """Whether recovery has finished (what :meth:`ready` waits for); safe from any thread."""
+        loaded = self._loaded
+        return loaded is None or loaded.called
+
     def ready(self) -> Deferred[None]:
         """Fires once recovery has finished (at once if it has)."""
         d: Deferred[None] = Deferred()
@@ -325,9 +341,40 @@ class ShimManager:
 
     # -- launching ------------------------------------------------------------
 
-    async def start_shim(self, namespace: str, id: str, opts: CreateOpts) -> ShimTask:
-        """Go's ``ShimManager.Start``: bundle, shim process, connection, task list."""
-        bundle, runtime_path, log_fd = await self._in_thread(self._prepare_launch, namespace, id, opts)
+    def prepare_launch(self, namespace: str, id: str, opts: CreateOpts) -> PreparedLaunch:
+        """Blocking, from a pool thread: what :meth:`start_shim` would prepare first (see there).
+
+        The caller must have checked, once recovery finished, that no task ``id``
+        exists in ``namespace``; the bundle dir (created exclusively) then stands
+        for the new task.  Hand the result to :meth:`start_shim`, or to
+        :meth:`discard_launch` if the task is not created after all.
+        """
+        return PreparedLaunch(*self._prepare_launch(namespace, id, opts))
+
+    async def discard_launch(self, prepared: PreparedLaunch) -> None:
+        """On the reactor: undo an unused :meth:`prepare_launch` (log pipe, bundle)."""
+        if prepared.taken:
+            return
+        prepared.taken = True
+        try:
+            os.close(prepared.log_fd)
+        except OSError:
+            pass
+        await self._delete_bundle(prepared.bundle)
+
+    async def start_shim(
+        self, namespace: str, id: str, opts: CreateOpts, prepared: PreparedLaunch | None = None
+    ) -> ShimTask:
+        """Go's ``ShimManager.Start``: bundle, shim process, connection, task list.
+
+        ``prepared`` (from :meth:`prepare_launch`, made on the caller's thread)
+        saves the trip to the I/O pool for the bundle.
+        """
+        if prepared is not None and not prepared.taken:
+            prepared.taken = True
+            bundle, runtime_path, log_fd = prepared.bundle, prepared.runtime_path, prepared.log_fd
+        else:
+            bundle, runtime_path, log_fd = await self._in_thread(self._prepare_launch, namespace, id, opts)
         try:
             shim = await self._launch(bundle, runtime_path, log_fd, opts)
         except BaseException:
@@ -664,10 +711,31 @@ class TaskManager:
     def ready(self) -> Deferred[None]:
         return self.shims.ready()
 
-    async def create(self, namespace: str, id: str, opts: CreateOpts) -> ShimTask:
-        """Launch a shim and create the task in it."""
+    def is_ready(self) -> bool:
+        """Recovery has finished (any thread)."""
+        return self.shims.is_ready()
+
+    def exists(self, namespace: str, id: str) -> bool:
+        """Whether the task is listed now (any thread: a plain dict lookup; the reactor's answer is final)."""
+        return (namespace, id) in self.shims.tasks
+
+    def prepare(self, namespace: str, id: str, opts: CreateOpts) -> PreparedLaunch:
+        """Blocking (any thread but the reactor): the bundle for :meth:`create`, errors worded as create's."""
         try:
-            shim = await self.shims.start_shim(namespace, id, opts)
+            return self.shims.prepare_launch(namespace, id, opts)
+        except BaseException as e:
+            raise wrap_error("failed to start shim", e) from None
+
+    async def discard(self, prepared: PreparedLaunch) -> None:
+        """On the reactor: a prepared bundle that :meth:`create` did not take."""
+        await self.shims.discard_launch(prepared)
+
+    async def create(
+        self, namespace: str, id: str, opts: CreateOpts, prepared: PreparedLaunch | None = None
+    ) -> ShimTask:
+        """Launch a shim and create the task in it (in ``prepared``'s bundle when given)."""
+        try:
+            shim = await self.shims.start_shim(namespace, id, opts, prepared)
         except BaseException as e:
             raise wrap_error("failed to start shim", e) from None
         try:

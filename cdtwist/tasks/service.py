@@ -47,7 +47,7 @@ from cdtwist.grpc import context as callctx
 from cdtwist.log import get_logger
 from cdtwist.plugin import EVENT, GRPC, METADATA, MONITOR, RUNTIME_V2, SERVICE, Registration, register
 from cdtwist.runtime.containers import ContainerGetter, ContainerStore
-from cdtwist.runtime.manager import STATE_TIMEOUT, TaskManager, TaskNotExists
+from cdtwist.runtime.manager import STATE_TIMEOUT, PreparedLaunch, TaskManager, TaskNotExists
 from cdtwist.runtime.shim import IO, CreateOpts, ShimTask, State, Status
 from cdtwist.tasks import bridge
 
@@ -208,6 +208,15 @@ class TasksService:
     def _container(self, call: Call, id: str) -> Any:
         return self.containers.get(call.namespace, id)
 
+    def _require_task(self, call: Call, id: str) -> None:
+        """A task known to be missing fails here, without the trip to the reactor.
+
+        Only once recovery is over; the reactor's lookup (:meth:`_task`) stays
+        the final word for a task that exists now.
+        """
+        if self.runtime.is_ready() and not self.runtime.exists(call.namespace, id):
+            raise task_not_found(id)
+
     async def _task(self, namespace: str, id: str) -> ShimTask:
         """``getTaskFromContainer``: the task of a container that exists."""
         await self.runtime.ready()
@@ -255,13 +264,29 @@ class TasksService:
                 f'"{RUNTIME_RUNC_V1}" is deprecated since containerd v1.4, consider using "{RUNTIME_RUNC_V2}"'
             )
         try:
-            pid = self._run(call, self._create, call.namespace, r.container_id, opts, container.runtime_name)
+            prepared = None
+            if self.runtime.is_ready():
+                # Recovery is over (its cleanup can no longer touch a new bundle): check
+                # for the task and make its bundle here rather than in the I/O pool.
+                if self.runtime.exists(call.namespace, r.container_id):
+                    raise AlreadyExists(f"task {r.container_id}")
+                prepared = self.runtime.prepare(call.namespace, r.container_id, opts)
+            try:
+                pid = self._run(
+                    call, self._create, call.namespace, r.container_id, opts, container.runtime_name, prepared
+                )
+            finally:
+                if prepared is not None:
+                    # after _create (calls from this thread run in order): a bundle it never took goes
+                    self.reactor.callFromThread(_discard, self.runtime, prepared)
         finally:
             if cleanup:
                 shutil.rmtree(cleanup, ignore_errors=True)
         return api.CreateTaskResponse(container_id=r.container_id, pid=pid)
 
-    async def _create(self, namespace: str, id: str, opts: CreateOpts, runtime_name: str) -> int:
+    async def _create(
+        self, namespace: str, id: str, opts: CreateOpts, runtime_name: str, prepared: PreparedLaunch | None = None
+    ) -> int:
         await self.runtime.ready()
         try:
             self.runtime.get(namespace, id)
@@ -269,7 +294,7 @@ class TasksService:
             pass
         else:
             raise AlreadyExists(f"task {id}")
-        task = await self.runtime.create(namespace, id, opts)
+        task = await self.runtime.create(namespace, id, opts, prepared)
         self.monitor.monitor(task, {"runtime": runtime_name})
         try:
             return await task.pid()
@@ -278,6 +303,7 @@ class TasksService:
 
     def start_process(self, call: Call, r: api.StartRequest) -> api.StartResponse:
         self._container(call, r.container_id)
+        self._require_task(call, r.container_id)
 
         async def start() -> int:
             task = await self._task(call.namespace, r.container_id)
@@ -291,6 +317,7 @@ class TasksService:
 
     def delete_task(self, call: Call, r: api.DeleteTaskRequest) -> api.DeleteResponse:
         self._container(call, r.container_id)
+        self._require_task(call, r.container_id)
 
         async def delete() -> Any:
             task = await self._task(call.namespace, r.container_id)
@@ -302,6 +329,7 @@ class TasksService:
 
     def delete_process(self, call: Call, r: api.DeleteProcessRequest) -> api.DeleteResponse:
         self._container(call, r.container_id)
+        self._require_task(call, r.container_id)
 
         async def delete() -> Any:
             task = await self._task(call.namespace, r.container_id)
@@ -313,6 +341,7 @@ class TasksService:
 
     def get(self, call: Call, r: api.GetRequest) -> api.GetResponse:
         self._container(call, r.container_id)
+        self._require_task(call, r.container_id)
 
         async def get() -> task_pb2.Process:
             task = await self._task(call.namespace, r.container_id)
@@ -341,6 +370,7 @@ class TasksService:
 
     def _simple(self, call: Call, id: str, op: Callable[[ShimTask], Any], exec_id: str = "") -> None:
         self._container(call, id)
+        self._require_task(call, id)
 
         async def run() -> None:
             task = await self._task(call.namespace, id)
@@ -381,6 +411,7 @@ class TasksService:
 
     def list_pids(self, call: Call, r: api.ListPidsRequest) -> api.ListPidsResponse:
         self._container(call, r.container_id)
+        self._require_task(call, r.container_id)
 
         async def pids() -> list[task_pb2.ProcessInfo]:
             task = await self._task(call.namespace, r.container_id)
@@ -434,6 +465,7 @@ class TasksService:
         with self._waiting_lock:
             self._waiting += 1
         try:
+            self._require_task(call, r.container_id)
 
             async def wait() -> Any:
                 task = await self._task(call.namespace, r.container_id)
@@ -534,6 +566,11 @@ class TasksService:
 
 async def _noop(task: ShimTask) -> None:
     return None
+
+
+def _discard(runtime: TaskManager, prepared: PreparedLaunch) -> None:
+    if not prepared.taken:
+        ensureDeferred(runtime.discard(prepared)).addErrback(lambda f: log.failure("discarding a task bundle", f))
 
 
 def _task_adaptor(task: ShimTask) -> filters.Adaptor:
