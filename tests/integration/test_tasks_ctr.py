@@ -150,8 +150,8 @@ def _sort_labels(m: re.Match[str]) -> str:
 
 
 def pid_table(text: str) -> str:
-    """``task ls``/``task ps`` with the pids replaced."""
-    return re.sub(r"\b\d+\b", "<PID>", text)
+    """``task ls``/``task ps`` with the pids replaced (and tabwriter's padding, which follows their width)."""
+    return re.sub(r" {2,}", " ", re.sub(r"\b\d+\b", "<PID>", text))
 
 
 # --- leftovers ------------------------------------------------------------------------
@@ -373,7 +373,7 @@ class RunTests(_Base):
     def test_oom_event(self) -> None:
         """A container killed by its memory limit: ``/tasks/oom`` (published by the shim) before ``/tasks/exit``."""
 
-        def scenario(d: DaemonProcess, ns: str) -> list[Any]:
+        def attempt(d: DaemonProcess, ns: str) -> list[Any]:
             events = BackgroundCtr(d.address, "events")
             try:
                 time.sleep(0.5)
@@ -387,6 +387,16 @@ class RunTests(_Base):
                 lines = events.stop().stdout.splitlines()
             topics = [x.split()[5] for x in lines if f" {ns} " in x and "/tasks/" in x]
             return [r.rc, topics]
+
+        def scenario(d: DaemonProcess, ns: str) -> list[Any]:
+            # The shim reads the cgroup's OOM notification on its own schedule and
+            # can miss it when the task is gone first: that race exists on
+            # containerd too, so a daemon gets three tries to show the event.
+            for _ in range(3):
+                result = attempt(d, ns)
+                if "/tasks/oom" in result[1]:
+                    break
+            return result
 
         self.assertEqual(
             self.compare(scenario, "tk-oom"), [137, ["/tasks/create", "/tasks/start", "/tasks/oom", "/tasks/exit",
