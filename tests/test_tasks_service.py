@@ -9,6 +9,7 @@ checked here.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import any_pb2
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.internet.defer import Deferred, ensureDeferred, fail, gatherResults
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
@@ -253,6 +254,33 @@ class TasksServiceTests(ManagerTestCase):
             self.assertEqual(str(e3.exception), "task c1: already exists")
             with self.assertRaises(InvalidArgument):
                 await self.call(self.service.metrics, api.MetricsRequest(filters=["id=="]))
+
+        return ensureDeferred(run())
+
+    def test_create_drops_a_bundle_it_did_not_use(self) -> Deferred[None]:
+        """The bundle made on the calling thread goes when the reactor side fails before taking it."""
+
+        async def run() -> None:
+            ready = self.runtime.ready
+
+            def failing() -> Deferred[None]:
+                return fail(CdtwistError("boom"))
+
+            self.runtime.ready = failing  # type: ignore[method-assign]
+            try:
+                with self.assertRaises(CdtwistError) as e:
+                    await self.create()
+            finally:
+                self.runtime.ready = ready  # type: ignore[method-assign]
+            self.assertEqual(str(e.exception), "boom")
+            bundle = os.path.join(self.state, "ns1", "c1")
+            for _ in range(100):
+                if not os.path.exists(bundle):
+                    break
+                await deferLater(reactor, 0.02, lambda: None)
+            self.assertFalse(os.path.exists(bundle))
+            created = await self.create()  # the id is free again
+            self.assertEqual(created.pid, 4242)
 
         return ensureDeferred(run())
 

@@ -275,10 +275,11 @@ class TasksService:
                 pid = self._run(
                     call, self._create, call.namespace, r.container_id, opts, container.runtime_name, prepared
                 )
-            finally:
+            except BaseException:
                 if prepared is not None:
                     # after _create (calls from this thread run in order): a bundle it never took goes
                     self.reactor.callFromThread(_discard, self.runtime, prepared)
+                raise
         finally:
             if cleanup:
                 shutil.rmtree(cleanup, ignore_errors=True)
