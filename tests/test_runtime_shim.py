@@ -514,6 +514,19 @@ class ShimTaskTests(TestCase):
 
         return ensureDeferred(run())
 
+    def test_close_runs_the_handler_at_once(self) -> Deferred[None]:
+        """As Go's client: the on-close callback runs once close() dropped the connection, not later."""
+
+        async def run() -> None:
+            self.shim.close()
+            self.assertEqual(self.closed_runs, 1)
+            self.assertTrue(self.shim.close_handled.called)
+            await self.shim.closed  # the transport's loss still comes
+            self.shim.close()
+            self.assertEqual(self.closed_runs, 1)  # once only
+
+        return ensureDeferred(run())
+
     def test_detach_skips_the_close_handler(self) -> Deferred[None]:
         async def run() -> None:
             self.shim.detach()

@@ -35,7 +35,7 @@ from typing import Any
 
 from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -317,6 +317,14 @@ def _run_blocking(
 
 
 @dataclass
+class DeleteRun:
+    """A ``delete`` command started by :meth:`ShimBinary.spawn_delete`."""
+
+    argv: list[str]
+    done: Deferred[ProcessResult]
+
+
+@dataclass
 class ShimBinary:
     """One bundle's shim binary and how to call it (containerd's ``binary``)."""
 
@@ -368,12 +376,22 @@ class ShimBinary:
             raise CdtwistError(f"{out}: {result.describe()}")
         return parse_start_output(result.stdout)
 
-    async def delete(self, reactor: Any, timeout: float | None = None) -> Exit:
-        """Run ``delete`` (the shim cleans up after a dead instance of itself)."""
-        log.info("cleaning up dead shim", id=self.bundle.id, namespace=self.bundle.namespace)
+    def spawn_delete(self, reactor: Any, timeout: float | None = None) -> DeleteRun:
+        """Start ``delete`` now; :meth:`delete` collects it (and logs as if it had started it)."""
         argv, env = self.command(self.delete_args())
         try:
-            result = await run_process(reactor, argv, env=env, cwd=self.bundle.path, timeout=timeout)
+            done = run_process(reactor, argv, env=env, cwd=self.bundle.path, timeout=timeout)
+        except Exception as e:
+            done = fail(e)
+        return DeleteRun(argv, done)
+
+    async def delete(self, reactor: Any, timeout: float | None = None, started: DeleteRun | None = None) -> Exit:
+        """Run ``delete`` (the shim cleans up after a dead instance of itself), or collect ``started``."""
+        log.info("cleaning up dead shim", id=self.bundle.id, namespace=self.bundle.namespace)
+        run = started if started is not None else self.spawn_delete(reactor, timeout)
+        argv = run.argv
+        try:
+            result = await run.done
         except Exception as e:
             raise CdtwistError(f"failed to delete: {e}") from None
         stderr = result.stderr.decode(errors="replace")

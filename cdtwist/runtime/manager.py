@@ -43,7 +43,7 @@ from cdtwist.errors import AlreadyExists, CdtwistError, InvalidArgument, NotFoun
 from cdtwist.log import get_logger
 from cdtwist.mount import unmount_all
 from cdtwist.plugin import EVENT, METADATA, RUNTIME_V2, Registration, register
-from cdtwist.runtime.binary import Exit, ShimBinary, binary_name, resolve_runtime_path
+from cdtwist.runtime.binary import DeleteRun, Exit, ShimBinary, binary_name, resolve_runtime_path
 from cdtwist.runtime.bundle import (
     ADDRESS_FILENAME,
     LOG_FILENAME,
@@ -448,9 +448,11 @@ class ShimManager:
         self._logs[(ns, id)] = shim_log
 
         async def on_close() -> None:
+            # `<shim> delete` starts first; the lines below are logged while it runs.
+            started = binary.spawn_delete(self.reactor, timeout=self.timeouts.cleanup)
             log.info("shim disconnected", id=id)
             try:
-                await self.cleanup_after_dead_shim(id, ns, binary, shim)
+                await self.cleanup_after_dead_shim(id, ns, binary, shim, started)
             finally:
                 # Remove self from the task list: its shim is gone.
                 self.tasks.delete(ns, id, shim)
@@ -547,13 +549,19 @@ class ShimManager:
             log.error("failed to delete shim", id=shim.id, error=str(e))
 
     async def cleanup_after_dead_shim(
-        self, id: str, namespace: str, binary: ShimBinary, shim: ShimTask | None = None
+        self,
+        id: str,
+        namespace: str,
+        binary: ShimBinary,
+        shim: ShimTask | None = None,
+        started: DeleteRun | None = None,
     ) -> None:
-        """Go's ``cleanupAfterDeadShim``: ``<shim> delete``, then exit/delete events if still listed."""
+        """Go's ``cleanupAfterDeadShim``: ``<shim> delete`` (or collect ``started``), then exit/delete
+        events if still listed."""
         log.warn("cleaning up after shim disconnected", id=id, namespace=namespace)
         exit: Exit | None = None
         try:
-            exit = await binary.delete(self.reactor, timeout=self.timeouts.cleanup)
+            exit = await binary.delete(self.reactor, timeout=self.timeouts.cleanup, started=started)
             await self._in_thread(_delete_dead_bundle, binary.bundle)
             if shim is not None:
                 shim.bundle_deleted = True

@@ -182,6 +182,7 @@ class ShimTask:
         self.close_handled: Deferred[None] = Deferred()
         #: set by the close handler once it removed the bundle.
         self.bundle_deleted = False
+        self._close_handler_started = False
 
     # -- identity -----------------------------------------------------------
 
@@ -203,6 +204,13 @@ class ShimTask:
         self._watches.clear()
         if not self.closed.called:
             self.closed.callback(None)
+        self._run_close_handler()
+
+    def _run_close_handler(self) -> None:
+        """Once per task: the close handler, then ``close_handled``."""
+        if self._close_handler_started:
+            return
+        self._close_handler_started = True
         if self.on_close is not None:
             handler, self.on_close = self.on_close, None
             d = ensureDeferred(_maybe_async(handler))
@@ -212,8 +220,14 @@ class ShimTask:
             self.close_handled.callback(None)
 
     def close(self) -> None:
-        """Drop the connection (the close handler runs)."""
+        """Drop the connection and run the close handler now.
+
+        As Go's ttrpc client runs its on-close callback as soon as it has closed
+        the connection itself, the handler does not wait for the transport to
+        report the loss (the task's ``closed`` still does).
+        """
         self.client.close()
+        self._run_close_handler()
 
     def detach(self) -> None:
         """Drop the connection without the close handler: the daemon is stopping, the shim lives on."""
