@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import any_pb2
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred, fail, gatherResults
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
@@ -261,17 +261,17 @@ class TasksServiceTests(ManagerTestCase):
         """The bundle made on the calling thread goes when the reactor side fails before taking it."""
 
         async def run() -> None:
-            ready = self.runtime.ready
+            get = self.runtime.get
 
-            def failing() -> Deferred[None]:
-                return fail(CdtwistError("boom"))
+            def failing(namespace: str, id: str) -> Any:
+                raise CdtwistError("boom")
 
-            self.runtime.ready = failing  # type: ignore[method-assign]
+            self.runtime.get = failing  # type: ignore[method-assign]
             try:
                 with self.assertRaises(CdtwistError) as e:
                     await self.create()
             finally:
-                self.runtime.ready = ready  # type: ignore[method-assign]
+                self.runtime.get = get  # type: ignore[method-assign]
             self.assertEqual(str(e.exception), "boom")
             bundle = os.path.join(self.state, "ns1", "c1")
             for _ in range(100):

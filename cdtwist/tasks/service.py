@@ -219,7 +219,8 @@ class TasksService:
 
     async def _task(self, namespace: str, id: str) -> ShimTask:
         """``getTaskFromContainer``: the task of a container that exists."""
-        await self.runtime.ready()
+        if not self.runtime.is_ready():
+            await self.runtime.ready()
         try:
             return self.runtime.get(namespace, id)
         except TaskNotExists:
@@ -288,7 +289,8 @@ class TasksService:
     async def _create(
         self, namespace: str, id: str, opts: CreateOpts, runtime_name: str, prepared: PreparedLaunch | None = None
     ) -> int:
-        await self.runtime.ready()
+        if not self.runtime.is_ready():
+            await self.runtime.ready()
         try:
             self.runtime.get(namespace, id)
         except TaskNotExists:
