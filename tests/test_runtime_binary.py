@@ -250,6 +250,29 @@ class RunTests(TestCase):
 
         return ensureDeferred(run())
 
+    def test_delete_started_ahead_and_then(self) -> Deferred[None]:
+        d = short_tmpdir(self)
+        bundle_path = os.path.join(d, "bundle")
+        os.mkdir(bundle_path)
+        shim, record = write_fake_shim_binary(d, "unix:///run/fake/s.sock")
+        b = _binary(bundle_path, shim)
+        b.environ = dict(os.environ)
+
+        async def run() -> None:
+            started = b.spawn_delete(reactor, timeout=10)
+            self.assertEqual(started.argv, b.command(b.delete_args())[0])
+            calls: list[str] = []
+            exit = await b.delete(reactor, started=started, then=lambda: calls.append("then"))
+            self.assertEqual((exit.pid, exit.status, calls), (4242, 137, ["then"]))
+            self.assertEqual(len(read_runs(record)), 1)  # collected, not run again
+            missing = _binary(bundle_path, os.path.join(d, "nope"))
+            with self.assertRaises(CdtwistError) as e:
+                await missing.delete(reactor, started=missing.spawn_delete(reactor), then=lambda: calls.append("x"))
+            self.assertTrue(str(e.exception).startswith("failed to delete: fork/exec "), str(e.exception))
+            self.assertEqual(calls, ["then"])
+
+        return ensureDeferred(run())
+
     def test_start_failure_reads_like_go(self) -> Deferred[None]:
         d = short_tmpdir(self)
         shim, _ = write_fake_shim_binary(d, "unix:///x", fail="start")

@@ -385,8 +385,18 @@ class ShimBinary:
             done = fail(e)
         return DeleteRun(argv, done)
 
-    async def delete(self, reactor: Any, timeout: float | None = None, started: DeleteRun | None = None) -> Exit:
-        """Run ``delete`` (the shim cleans up after a dead instance of itself), or collect ``started``."""
+    async def delete(
+        self,
+        reactor: Any,
+        timeout: float | None = None,
+        started: DeleteRun | None = None,
+        then: Callable[[], object] | None = None,
+    ) -> Exit:
+        """Run ``delete`` (the shim cleans up after a dead instance of itself), or collect ``started``.
+
+        ``then`` is called once it succeeded, before its warnings are logged
+        (the next step, e.g. removing the bundle, runs meanwhile).
+        """
         log.info("cleaning up dead shim", id=self.bundle.id, namespace=self.bundle.namespace)
         run = started if started is not None else self.spawn_delete(reactor, timeout)
         argv = run.argv
@@ -398,9 +408,17 @@ class ShimBinary:
         if not result.ok:
             log.error("failed to delete", cmd=" ".join(argv), error=result.describe())
             raise CdtwistError(f"{stderr}: {result.describe()}")
+        try:
+            exit = parse_delete_output(result.stdout)
+        except CdtwistError:
+            if stderr:
+                log.warn(f"cleanup warnings {stderr}")
+            raise
+        if then is not None:
+            then()
         if stderr:
             log.warn(f"cleanup warnings {stderr}")
-        return parse_delete_output(result.stdout)
+        return exit
 
 
 def parse_start_output(out: bytes) -> str:

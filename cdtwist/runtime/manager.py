@@ -560,9 +560,14 @@ class ShimManager:
         events if still listed."""
         log.warn("cleaning up after shim disconnected", id=id, namespace=namespace)
         exit: Exit | None = None
+        bundle_deleted: list[Deferred[None]] = []
+
+        def delete_bundle() -> None:
+            bundle_deleted.append(self._in_thread(_delete_dead_bundle, binary.bundle))
+
         try:
-            exit = await binary.delete(self.reactor, timeout=self.timeouts.cleanup, started=started)
-            await self._in_thread(_delete_dead_bundle, binary.bundle)
+            exit = await binary.delete(self.reactor, timeout=self.timeouts.cleanup, started=started, then=delete_bundle)
+            await bundle_deleted[0]  # started by ``then`` once the command succeeded
             if shim is not None:
                 shim.bundle_deleted = True
         except Exception as e:
