@@ -14,8 +14,6 @@ import os
 import shutil
 import stat
 import subprocess
-import tempfile
-from pathlib import Path
 
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -25,6 +23,7 @@ from cdtwist.diff.compare import ChangeKind, changes, compare, write_diff
 from cdtwist.diff.compression import MEDIA_TYPE_IMAGE_LAYER, UNCOMPRESSED_LABEL, Compression
 from cdtwist.diff.tarstream import TarReader
 from cdtwist.errors import CdtwistError, NotImplemented_
+from tests.go_build import GO, GOCODE, GoProgram
 from tests.test_diff_support import CAPABILITY, MTIME, entry, layer, mount, snapshot, umount
 
 NS = 1_000_000_000
@@ -299,8 +298,6 @@ class OverlayDiffTests(_Base):
 
 # -- containerd's own archive package, for comparison --
 
-GO = shutil.which("go")
-GOCODE = "/usr/share/gocode"
 GO_SOURCE = """
 package main
 
@@ -327,38 +324,16 @@ func main() {
 	}
 }
 """
-_tool: str | None = None
+_TOOL = GoProgram(GO_SOURCE, "difftool")
 
 
 def go_tool() -> str:
-    global _tool
-    if _tool is not None:
-        return _tool
     if GO is None or not os.path.isdir(os.path.join(GOCODE, "src/github.com/containerd/containerd/archive")):
         raise SkipTest("go or containerd's Go sources not available")
-    base = Path(tempfile.gettempdir()) / f"cdtwist-diff-go-{os.geteuid()}"
-    binary = base / hashlib.sha256(GO_SOURCE.encode()).hexdigest()[:16] / "difftool"
-    if not binary.exists():
-        src = base / "gopath" / "src" / "difftool"
-        src.mkdir(parents=True, exist_ok=True)
-        (src / "main.go").write_text(GO_SOURCE)
-        binary.parent.mkdir(parents=True, exist_ok=True)
-        tmp = binary.with_name(f".build-{os.getpid()}")
-        env = {
-            **os.environ,
-            "GO111MODULE": "off",
-            "GOPATH": f"{base / 'gopath'}:{GOCODE}",
-            "GOCACHE": str(base / "gocache"),
-            "GOFLAGS": "",
-        }
-        proc = subprocess.run(
-            [GO, "build", "-o", str(tmp), "."], cwd=src, env=env, capture_output=True, text=True, timeout=600
-        )
-        if proc.returncode != 0:
-            raise SkipTest(f"cannot build the Go helper: {proc.stderr[-2000:]}")
-        os.replace(tmp, binary)
-    _tool = str(binary)
-    return _tool
+    try:
+        return _TOOL.build()
+    except RuntimeError as e:
+        raise SkipTest(f"cannot build the Go helper: {str(e)[-2000:]}") from None
 
 
 class GoCompatTests(_Base):

@@ -8,11 +8,9 @@ bytes cdtwist's server must reproduce.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import socket
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -33,46 +31,18 @@ from cdtwist.ttrpc.client import Stub, TTRPCClient, connect_unix
 from cdtwist.ttrpc.framing import HEADER, MESSAGE_LENGTH_MAX, Frame, FrameDecoder, MessageType, encode_frame
 from cdtwist.ttrpc.server import listen_ttrpc
 from cdtwist.ttrpc.status import ClosedError, StatusError
+from tests.go_build import GO, GOCODE, GoProgram
 from tests.test_ttrpc_support import EVENTS, EVENTS_SERVICE, TASK, TASK_SERVICE, task_services
 
-GO = shutil.which("go")
-GOCODE = "/usr/share/gocode"
 SOURCE = Path(__file__).parent / "ttrpc_go" / "main.go"
 OVERSIZE_SUFFIX = " exceed maximum message size of 4194304"
 
-_binary: str | None = None
+_PEER = GoProgram(SOURCE, "ttrpcinterop")
 
 
 def build_peer() -> str:
     """Build main.go once per source version; later runs reuse the cached binary."""
-    global _binary
-    if _binary is not None:
-        return _binary
-    assert GO is not None
-    source = SOURCE.read_bytes()
-    base = Path(tempfile.gettempdir()) / f"cdtwist-ttrpc-interop-{os.geteuid()}"
-    binary = base / hashlib.sha256(source).hexdigest()[:16] / "ttrpcinterop"
-    if not binary.exists():
-        src = base / "gopath" / "src" / "ttrpcinterop"
-        src.mkdir(parents=True, exist_ok=True)
-        (src / "main.go").write_bytes(source)
-        binary.parent.mkdir(parents=True, exist_ok=True)
-        tmp = binary.with_name(f".build-{os.getpid()}")
-        env = {
-            **os.environ,
-            "GO111MODULE": "off",
-            "GOPATH": f"{base / 'gopath'}:{GOCODE}",
-            "GOCACHE": str(base / "gocache"),
-            "GOFLAGS": "",
-        }
-        proc = subprocess.run(
-            [GO, "build", "-o", str(tmp), "."], cwd=src, env=env, capture_output=True, text=True, timeout=600
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"go build failed:\n{proc.stderr}")
-        os.replace(tmp, binary)
-    _binary = str(binary)
-    return _binary
+    return _PEER.build()
 
 
 def _socket_dir(case: TestCase) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from tests.integration.go_suite import GoSuite
+from tests.go_build import GoSuite
 from tests.integration.harness import start_cdtwist, start_containerd
 
 SOURCE = Path(__file__).resolve().parent.parent / "content_go" / "content_test.go"

@@ -25,7 +25,7 @@ from pathlib import Path
 from twisted.trial import unittest
 
 from cdtwist.mount import MNT_DETACH, mounted_under, unmount
-from tests.integration.go_suite import GoSuite
+from tests.go_build import GoSuite
 from tests.integration.harness import (
     DaemonProcess,
     checkout_python_env,
