@@ -31,7 +31,7 @@ from twisted.internet.threads import deferToThreadPool
 from cdtwist.endpoints import client_description, server_description, unix_path
 from cdtwist.errors import CdtwistError, Unavailable, from_grpc_code
 from cdtwist.log import get_logger
-from cdtwist.sockets import remove_socket
+from cdtwist.sockets import prepare_unix_path, remove_socket
 
 if TYPE_CHECKING:
     from twisted.python.threadpool import ThreadPool
@@ -101,7 +101,7 @@ class ProxyChannel:
 
             # Parse now: a bad endpoint string fails the plugin with its message.
             backend = clientFromString(self.reactor, self.backend_description)
-            await deferToThreadPool(self.reactor, self.io_pool, _prepare_socket_path, self.bridge_socket)
+            await deferToThreadPool(self.reactor, self.io_pool, prepare_unix_path, self.bridge_socket)
             bridge = BridgeService(
                 self.reactor,
                 server_description(self.bridge_socket, unix_mode=0o600),
@@ -168,11 +168,6 @@ class ProxyChannel:
         if channel is None:
             raise Unavailable(f"proxy plugin {self.name}: not started")
         return channel
-
-
-def _prepare_socket_path(path: str) -> None:
-    os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
-    remove_socket(path)
 
 
 S = TypeVar("S")

@@ -70,6 +70,4 @@ class ProxySnapshotter(ProxyClient[api_grpc.SnapshotsStub], Snapshotter):
         self._call(lambda s: s.Cleanup(api.CleanupRequest(snapshotter=self.name)))
 
     def close(self) -> None:
-        """The channel is the plugin's, closed when the plugin stops."""
-
-    stop = ProxyClient.stop  # not Snapshotter.stop: there is no store to close
+        """The channel is the plugin's, closed when the plugin stops (``ProxyClient.stop``)."""
