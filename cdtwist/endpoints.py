@@ -34,35 +34,38 @@ def is_unix_path(address: str) -> bool:
     return bool(address) and ":" not in address
 
 
-def server_description(address: str, *, unix_mode: int = 0o660) -> str:
-    """A Twisted server endpoint description for a configured address."""
+def _split(address: str) -> tuple[str, str, str]:
+    """``("unix", path, "")``, ``("tcp", host, port)`` or ``("endpoint", description, "")``."""
     if not address:
         raise InvalidArgument("empty address")
     if is_unix_path(address):
-        return f"unix:{_escape(address)}:mode={unix_mode:o}"
+        return "unix", address, ""
     match = _HOST_PORT.match(address)
     if match:
-        host = match.group("v6") or match.group("host") or ""
-        port = match.group("port")
-        return f"tcp:{port}:interface={_escape(host)}" if host else f"tcp:{port}"
+        return "tcp", match.group("v6") or match.group("host") or "", match.group("port")
     if _ENDPOINT_PREFIX.match(address):
-        return address
+        return "endpoint", address, ""
     raise InvalidArgument(f"address {address!r} is neither a socket path, host:port, nor an endpoint string")
+
+
+def server_description(address: str, *, unix_mode: int = 0o660) -> str:
+    """A Twisted server endpoint description for a configured address."""
+    kind, value, port = _split(address)
+    if kind == "unix":
+        return f"unix:{_escape(value)}:mode={unix_mode:o}"
+    if kind == "tcp":
+        return f"tcp:{port}:interface={_escape(value)}" if value else f"tcp:{port}"
+    return value
 
 
 def client_description(address: str) -> str:
-    """A Twisted client endpoint description for an address to dial."""
-    if not address:
-        raise InvalidArgument("empty address")
-    if is_unix_path(address):
-        return f"unix:{_escape(address)}"
-    match = _HOST_PORT.match(address)
-    if match:
-        host = match.group("v6") or match.group("host") or "127.0.0.1"
-        return f"tcp:host={_escape(host)}:port={match.group('port')}"
-    if _ENDPOINT_PREFIX.match(address):
-        return address
-    raise InvalidArgument(f"address {address!r} is neither a socket path, host:port, nor an endpoint string")
+    """A Twisted client endpoint description for an address to dial (``:port`` dials 127.0.0.1)."""
+    kind, value, port = _split(address)
+    if kind == "unix":
+        return f"unix:{_escape(value)}"
+    if kind == "tcp":
+        return f"tcp:host={_escape(value or '127.0.0.1')}:port={port}"
+    return value
 
 
 def server_endpoint(reactor: object, address: str, *, unix_mode: int = 0o660) -> IStreamServerEndpoint:
