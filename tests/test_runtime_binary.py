@@ -225,13 +225,18 @@ class RunTests(TestCase):
 
         return ensureDeferred(run())
 
-    def test_start_and_delete_with_a_fake_shim(self) -> Deferred[None]:
+    def fake_shim(self) -> tuple[ShimBinary, str, str]:
+        """A shim binary (a fake answering ``start`` and ``delete``) over a fresh bundle dir."""
         d = short_tmpdir(self)
         bundle_path = os.path.join(d, "bundle")
         os.mkdir(bundle_path)
         shim, record = write_fake_shim_binary(d, "unix:///run/fake/s.sock")
         b = _binary(bundle_path, shim)
         b.environ = dict(os.environ)
+        return b, bundle_path, record
+
+    def test_start_and_delete_with_a_fake_shim(self) -> Deferred[None]:
+        b, bundle_path, record = self.fake_shim()
 
         async def run() -> None:
             opts = any_pb2.Any(type_url="containerd.runc.v1.Options", value=b"\x30\x01")
@@ -251,12 +256,7 @@ class RunTests(TestCase):
         return ensureDeferred(run())
 
     def test_delete_started_ahead_and_then(self) -> Deferred[None]:
-        d = short_tmpdir(self)
-        bundle_path = os.path.join(d, "bundle")
-        os.mkdir(bundle_path)
-        shim, record = write_fake_shim_binary(d, "unix:///run/fake/s.sock")
-        b = _binary(bundle_path, shim)
-        b.environ = dict(os.environ)
+        b, bundle_path, record = self.fake_shim()
 
         async def run() -> None:
             started = b.spawn_delete(reactor, timeout=10)
@@ -265,7 +265,7 @@ class RunTests(TestCase):
             exit = await b.delete(reactor, started=started, then=lambda: calls.append("then"))
             self.assertEqual((exit.pid, exit.status, calls), (4242, 137, ["then"]))
             self.assertEqual(len(read_runs(record)), 1)  # collected, not run again
-            missing = _binary(bundle_path, os.path.join(d, "nope"))
+            missing = _binary(bundle_path, os.path.join(os.path.dirname(bundle_path), "nope"))
             with self.assertRaises(CdtwistError) as e:
                 await missing.delete(reactor, started=missing.spawn_delete(reactor), then=lambda: calls.append("x"))
             self.assertTrue(str(e.exception).startswith("failed to delete: fork/exec "), str(e.exception))
