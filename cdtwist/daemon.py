@@ -18,7 +18,7 @@ import fcntl
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import sdnotify
@@ -74,7 +74,7 @@ class Daemon(OrderedMultiService):
         self.exit_code = 0
         self.booted = Deferred()  # fires when serving (tests, sd_notify)
         self._lock_fd: int | None = None
-        self._previous_signals: dict[int, Any] = {}
+        self.signals = Signals(reactor)
         self._notifier = sdnotify.SystemdNotifier()
         self.metrics_registry = new_registry()
 
@@ -204,27 +204,17 @@ class Daemon(OrderedMultiService):
     # -- signals -----------------------------------------------------------
 
     def _install_signals(self) -> None:
-        handlers = {
-            # twistd re-raises SIGTERM/SIGINT after the reactor stops, so the
-            # process would die "killed by signal"; containerd exits 0.
-            signal.SIGTERM: lambda *_: self.reactor.callFromThread(self._stop_reactor),
-            signal.SIGINT: lambda *_: self.reactor.callFromThread(self._stop_reactor),
-            signal.SIGHUP: lambda *_: self.reactor.callFromThread(self.reload),
-            signal.SIGUSR1: lambda *_: self.reactor.callFromThread(self.dump_stacks),
-            signal.SIGPIPE: signal.SIG_IGN,
-        }
-        for signum, handler in handlers.items():
-            self._previous_signals[signum] = signal.signal(signum, handler)
-
-    def _stop_reactor(self) -> None:
-        log.info("received signal, shutting down")
-        if self.reactor.running:
-            self.reactor.stop()
-
-    def _restore_signals(self) -> None:
-        for signum, previous in self._previous_signals.items():
-            signal.signal(signum, previous)
-        self._previous_signals.clear()
+        self.signals.install(
+            {
+                # twistd re-raises SIGTERM/SIGINT after the reactor stops, so the
+                # process would die "killed by signal"; containerd exits 0.
+                signal.SIGTERM: self.signals.stop_reactor,
+                signal.SIGINT: self.signals.stop_reactor,
+                signal.SIGHUP: self.reload,
+                signal.SIGUSR1: self.dump_stacks,
+                signal.SIGPIPE: signal.SIG_IGN,
+            }
+        )
 
     def dump_stacks(self) -> Deferred[None]:
         """SIGUSR1: every thread's stack to the log and to a file, as containerd does."""
@@ -279,7 +269,7 @@ class Daemon(OrderedMultiService):
         self._notifier.notify("STOPPING=1")
         log.info("stopping cdtwist")
         await self._stop_all()
-        self._restore_signals()
+        self.signals.restore()
         self._release()
         if self.io_pool.started:
             self.io_pool.stop()
@@ -288,6 +278,32 @@ class Daemon(OrderedMultiService):
     def _exit_if_failed(self) -> None:
         if self.exit_code:
             exit_now(self.exit_code)
+
+
+class Signals:
+    """Signal handlers whose callbacks run on the reactor thread, and the handlers they replaced."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self._previous: dict[int, Any] = {}
+
+    def install(self, handlers: Mapping[int, Callable[[], object] | signal.Handlers]) -> None:
+        """Callables run on the reactor thread; ``signal.SIG_IGN``/``SIG_DFL`` are set as they are."""
+        for signum, handler in handlers.items():
+            action: Any = handler
+            if callable(handler):
+                action = lambda *_, run=handler: self.reactor.callFromThread(run)  # noqa: E731
+            self._previous[signum] = signal.signal(signum, action)
+
+    def stop_reactor(self) -> None:
+        log.info("received signal, shutting down")
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def restore(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
 
 
 def lock_root(root: str, lock_file: str, holder_kind: str) -> int:

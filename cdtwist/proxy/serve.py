@@ -31,7 +31,7 @@ from twisted.python.threadpool import ThreadPool
 
 from cdtwist import SERVER_VERSION
 from cdtwist.config import GRPCConfig
-from cdtwist.daemon import exit_now, lock_root
+from cdtwist.daemon import Signals, exit_now, lock_root
 from cdtwist.grpc.server import GRPCServerService
 from cdtwist.log import get_logger, make_observer, parse_level
 from cdtwist.plugin.service import OrderedMultiService
@@ -210,7 +210,7 @@ class PluginServer(OrderedMultiService):
             bridge_socket=os.path.join(options["root"], "grpc-tcp.sock"),
         )
         self.grpc.setServiceParent(self)
-        self._previous_signals: dict[int, Any] = {}
+        self.signals = Signals(reactor)
 
     def setServiceParent(self, parent: IServiceCollection) -> None:  # noqa: N802
         super().setServiceParent(parent)
@@ -229,10 +229,7 @@ class PluginServer(OrderedMultiService):
         started = time.monotonic()
         log.info("starting cdtwist serve-plugin", version=SERVER_VERSION, kind=self.kind, root=self.store.root)
         self.io_pool.start()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._previous_signals[signum] = signal.signal(
-                signum, lambda *_: self.reactor.callFromThread(self._stop_reactor)
-            )
+        self.signals.install({signal.SIGTERM: self.signals.stop_reactor, signal.SIGINT: self.signals.stop_reactor})
         try:
             await self._start_all()
         except Exception as e:
@@ -246,20 +243,13 @@ class PluginServer(OrderedMultiService):
         sdnotify.SystemdNotifier().notify("READY=1")  # Type=notify units start their clients after this
         self.serving.callback(None)
 
-    def _stop_reactor(self) -> None:
-        log.info("received signal, shutting down")
-        if self.reactor.running:
-            self.reactor.stop()
-
     def stopService(self) -> Deferred[None]:  # noqa: N802
         Service.stopService(self)
         return ensureDeferred(self._shutdown())
 
     async def _shutdown(self) -> None:
         await self._stop_all()
-        for signum, previous in self._previous_signals.items():
-            signal.signal(signum, previous)
-        self._previous_signals.clear()
+        self.signals.restore()
         if self.io_pool.started:
             self.io_pool.stop()
         log.info("serve-plugin stopped")
