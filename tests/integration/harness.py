@@ -693,6 +693,14 @@ class SharedDaemon(Generic[D]):
                 daemon.cleanup(keep_log=os.path.abspath(f"shared-{daemon.name}.log"))
 
 
+def shared_daemons() -> tuple[SharedDaemon[CdtwistDaemon], SharedDaemon[ContainerdDaemon]]:
+    """A cdtwist and a real containerd, each started once for a module's tests (see :func:`module_suite`)."""
+    return (
+        SharedDaemon(lambda: CdtwistDaemon(None), CdtwistDaemon.check_requirements),
+        SharedDaemon(lambda: ContainerdDaemon(None), ContainerdDaemon.check_requirements),
+    )
+
+
 class _FixtureSuite(unittest.TestSuite):
     """Runs its tests inside the scopes of some :class:`SharedDaemon`; teardown errors are reported."""
 

@@ -31,17 +31,14 @@ from tests.integration.harness import (
     DaemonError,
     DaemonProcess,
     Result,
-    SharedDaemon,
     module_suite,
+    shared_daemons,
 )
 from tests.integration.test_content_ctr import Session, outcome, run_ctr, unique
 from tests.integration.test_content_ctr import normalise as _normalise
 from tests.integration.test_images_ctr import OCIImage, digest
 
-CDTWIST: SharedDaemon[CdtwistDaemon] = SharedDaemon(lambda: CdtwistDaemon(None), CdtwistDaemon.check_requirements)
-CONTAINERD_D: SharedDaemon[ContainerdDaemon] = SharedDaemon(
-    lambda: ContainerdDaemon(None), ContainerdDaemon.check_requirements
-)
+CDTWIST, CONTAINERD_D = shared_daemons()
 
 
 def test_suite() -> unittest.TestSuite:

@@ -39,16 +39,13 @@ from tests.integration.harness import (
     DaemonError,
     DaemonProcess,
     Result,
-    SharedDaemon,
     ctr_args,
     module_suite,
+    shared_daemons,
     start_cdtwist,
 )
 
-CDTWIST: SharedDaemon[CdtwistDaemon] = SharedDaemon(lambda: CdtwistDaemon(None), CdtwistDaemon.check_requirements)
-CONTAINERD_D: SharedDaemon[ContainerdDaemon] = SharedDaemon(
-    lambda: ContainerdDaemon(None), ContainerdDaemon.check_requirements
-)
+CDTWIST, CONTAINERD_D = shared_daemons()
 
 
 def test_suite() -> unittest.TestSuite:

@@ -25,7 +25,7 @@ from typing import Any
 from twisted.trial import unittest
 
 from tests.integration import images_support as images
-from tests.integration.harness import CdtwistDaemon, ContainerdDaemon, DaemonProcess, SharedDaemon, module_suite
+from tests.integration.harness import DaemonProcess, module_suite, shared_daemons
 from tests.integration.images_support import (
     BIG_NAMES,
     SMALL_NAMES,
@@ -40,10 +40,7 @@ from tests.integration.images_support import (
     tar_members,
 )
 
-CDTWIST: SharedDaemon[CdtwistDaemon] = SharedDaemon(lambda: CdtwistDaemon(None), CdtwistDaemon.check_requirements)
-CONTAINERD_D: SharedDaemon[ContainerdDaemon] = SharedDaemon(
-    lambda: ContainerdDaemon(None), ContainerdDaemon.check_requirements
-)
+CDTWIST, CONTAINERD_D = shared_daemons()
 
 
 def test_suite() -> unittest.TestSuite:

@@ -34,8 +34,8 @@ from tests.integration.harness import (
     DaemonError,
     DaemonProcess,
     Result,
-    SharedDaemon,
     module_suite,
+    shared_daemons,
 )
 from tests.integration.test_content_ctr import (
     Session,
@@ -46,10 +46,7 @@ from tests.integration.test_content_ctr import (
     unique,
 )
 
-CDTWIST: SharedDaemon[CdtwistDaemon] = SharedDaemon(lambda: CdtwistDaemon(None), CdtwistDaemon.check_requirements)
-CONTAINERD_D: SharedDaemon[ContainerdDaemon] = SharedDaemon(
-    lambda: ContainerdDaemon(None), ContainerdDaemon.check_requirements
-)
+CDTWIST, CONTAINERD_D = shared_daemons()
 
 
 def test_suite() -> unittest.TestSuite:

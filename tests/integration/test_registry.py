@@ -27,14 +27,12 @@ from twisted.trial import unittest
 
 from tests.integration import images_support as images
 from tests.integration.harness import (
-    CdtwistDaemon,
-    ContainerdDaemon,
     DaemonProcess,
     Result,
-    SharedDaemon,
     free_tcp_port,
     make_short_tmpdir,
     module_suite,
+    shared_daemons,
 )
 from tests.integration.images_support import (
     BIG_NAMES,
@@ -48,10 +46,7 @@ from tests.integration.images_support import (
     strip_dir_mtimes,
 )
 
-CDTWIST: SharedDaemon[CdtwistDaemon] = SharedDaemon(lambda: CdtwistDaemon(None), CdtwistDaemon.check_requirements)
-CONTAINERD_D: SharedDaemon[ContainerdDaemon] = SharedDaemon(
-    lambda: ContainerdDaemon(None), ContainerdDaemon.check_requirements
-)
+CDTWIST, CONTAINERD_D = shared_daemons()
 
 
 def test_suite() -> unittest.TestSuite:
