@@ -43,91 +43,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-GOCLIENT_SRC = REPO / "bench" / "goclient" / "main.go"
-GO_SYSTEM_PATH = "/usr/share/gocode"
-CONTAINERD = "/usr/bin/containerd"
+from benchlib import (
+    REPO,
+    TWISTD_BOOTSTRAP,
+    BenchError,
+    Interrupted,
+    Reaper,
+    cpu_seconds,
+    go_build,
+    loadavg,
+    log,
+    run_json,
+    summarize_us,
+)
 
-#: ``python -m twisted.scripts.twistd`` is a no-op (that module has no
-#: ``__main__`` guard), so run twistd's entry point directly: the daemon is
-#: then this python process itself, whose /proc status we read.
-TWISTD_BOOTSTRAP = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+GOCLIENT_SRC = REPO / "bench" / "goclient" / "main.go"
+CONTAINERD = "/usr/bin/containerd"
 
 TARGET_SERVING_S = 1.0
 TARGET_RSS_MIB = 80.0
 TARGET_P50_RATIO = 2.0
 
-STOP_GRACE_S = 5.0
 READY_TIMEOUT_S = 15.0
 
 
-class BenchError(RuntimeError):
-    pass
-
-
-class Interrupted(BaseException):  # noqa: N818 - raised by a signal, like KeyboardInterrupt
-    pass
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
 # --------------------------------------------------------------------------- processes
-
-
-class Reaper:
-    """Every process this script starts, so any exit path can stop them all."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def spawn(self, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
-        # A session of its own: a terminal's Ctrl-C reaches only this script,
-        # which then stops the daemon gracefully (and by its process group).
-        proc = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL, **kw)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen[bytes], grace: float = STOP_GRACE_S) -> int | None:
-        if proc.poll() is None:
-            self._signal(proc, signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                log(f"pid {proc.pid} ignored SIGTERM for {grace}s, killing")
-                self._signal(proc, signal.SIGKILL)
-                proc.wait(grace)
-        # Anything it left in its group (containerd would leave shims; none here).
-        self._signal(proc, signal.SIGKILL)
-        if proc in self.procs:
-            self.procs.remove(proc)
-        return proc.returncode
-
-    @staticmethod
-    def _signal(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-        try:
-            os.killpg(proc.pid, sig)  # the group this Popen created, by its id
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def stop_all(self) -> None:
-        for proc in list(self.procs):
-            try:
-                self.stop(proc, grace=2.0)
-            except Exception as e:  # keep cleaning up the rest
-                log(f"stopping pid {proc.pid}: {e}")
-
-
-def run_json(argv: list[str], timeout: float) -> dict[str, Any]:
-    """Run a client to completion (bounded) and parse its one JSON line."""
-    try:
-        cp = subprocess.run(argv, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as e:
-        raise BenchError(f"{argv[1]} timed out after {timeout}s") from e
-    if cp.returncode != 0:
-        raise BenchError(f"{' '.join(argv[:2])} failed: {cp.stderr.decode(errors='replace').strip()}")
-    return json.loads(cp.stdout.decode().strip().splitlines()[-1])
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -139,21 +79,6 @@ def proc_status(pid: int) -> dict[str, int]:
             if key in ("VmRSS", "VmHWM", "Threads"):
                 out[key] = int(value.split()[0])
     return out
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` (all its threads) from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "?"
 
 
 def mib(kib: int) -> float:
@@ -197,20 +122,6 @@ class GoClient(Client):
     def throughput(self, sock: str, concurrency: int, duration: float) -> dict[str, Any]:
         argv = [self.binary, "throughput", "-addr", sock, "-c", str(concurrency), "-d", f"{duration}s"]
         return run_json(argv, duration + 60)
-
-
-def summarize_us(samples_ns: list[int]) -> dict[str, float]:
-    s = sorted(samples_ns)
-    if not s:
-        return {"n": 0}
-
-    def pct(p: float) -> float:
-        return s[min(len(s) - 1, int(p * len(s) + 0.5))] / 1e3
-
-    return {
-        "n": len(s), "min_us": s[0] / 1e3, "p50_us": pct(0.50), "p90_us": pct(0.90), "p99_us": pct(0.99),
-        "max_us": s[-1] / 1e3, "mean_us": statistics.fmean(s) / 1e3,
-    }
 
 
 class PythonClient(Client):
@@ -303,29 +214,11 @@ class PythonClient(Client):
 
 
 def build_goclient(tmp: Path) -> tuple[Client, str]:
-    """``go build`` bench/goclient in GOPATH mode into the temp dir."""
-    go = shutil.which("go")
-    if go is None:
-        return PythonClient(), "go not found"
-    if not (Path(GO_SYSTEM_PATH) / "src/google.golang.org/grpc").is_dir():
-        return PythonClient(), f"{GO_SYSTEM_PATH} has no google.golang.org/grpc"
-    gopath = tmp / "gopath"
-    pkg = gopath / "src" / "cdtwistbench" / "goclient"
-    pkg.mkdir(parents=True)
-    shutil.copy(GOCLIENT_SRC, pkg / "main.go")
-    binary = tmp / "goclient"
-    env = dict(os.environ, GO111MODULE="off", GOPATH=f"{gopath}:{GO_SYSTEM_PATH}", GOFLAGS="", CGO_ENABLED="0")
-    t0 = time.monotonic()
+    """``go build`` bench/goclient in GOPATH mode into the temp dir; the grpcio client if that fails."""
     try:
-        cp = subprocess.run(
-            [go, "build", "-o", str(binary), "."], cwd=pkg, env=env, capture_output=True, timeout=300,
-            stdin=subprocess.DEVNULL,
-        )
-    except subprocess.TimeoutExpired:
-        return PythonClient(), "go build timed out"
-    if cp.returncode != 0:
-        return PythonClient(), "go build failed: " + cp.stderr.decode(errors="replace").strip()[-800:]
-    log(f"built goclient in {time.monotonic() - t0:.1f}s")
+        binary = go_build(tmp, GOCLIENT_SRC, "goclient", ("google.golang.org/grpc",), timeout=300)
+    except BenchError as e:
+        return PythonClient(), str(e)
     return GoClient(binary), ""
 
 

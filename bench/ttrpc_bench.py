@@ -46,12 +46,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-REPO = Path(__file__).resolve().parent.parent
-GO_SRC = REPO / "bench" / "ttrpc_go" / "main.go"
-GO_SYSTEM_PATH = "/usr/share/gocode"
+from benchlib import (
+    REPO,
+    TWISTD_BOOTSTRAP,
+    BenchError,
+    Interrupted,
+    Reaper,
+    cpu_seconds,
+    go_build,
+    loadavg,
+    log,
+    run_json,
+    summarize_us,
+)
 
-#: See bench/daemon_bench.py: twistd's entry point run directly.
-TWISTD_BOOTSTRAP = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+GO_SRC = REPO / "bench" / "ttrpc_go" / "main.go"
 
 #: Go's gogo stdtime (non-nullable) always sends exited_at as 0001-01-01; the
 #: Python server sends it too, so both answer with the same bytes.
@@ -64,22 +73,9 @@ LOADS: list[tuple[int, int]] = [(1, 1), (16, 1), (64, 1), (64, 4)]
 PY, GO = "py", "go"
 UNIX, TLS = "unix", "tls-tcp"
 
-STOP_GRACE_S = 5.0
 READY_TIMEOUT_S = 20.0
 #: a loopback round trip this slow is a write held back by Nagle until the peer's delayed ACK
 NAGLE_HINT_US = 30_000.0
-
-
-class BenchError(RuntimeError):
-    pass
-
-
-class Interrupted(BaseException):  # noqa: N818 - raised by a signal, like KeyboardInterrupt
-    pass
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- the Python server process
@@ -131,68 +127,6 @@ def serve_python(path: str) -> int:
 # --------------------------------------------------------------------------- processes
 
 
-class Reaper:
-    """Every process this script starts, so any exit path can stop them all."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def spawn(self, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
-        # A session of its own: Ctrl-C reaches only this script, which then
-        # stops the child (by its process group).
-        kw.setdefault("stdin", subprocess.DEVNULL)
-        proc = subprocess.Popen(argv, start_new_session=True, **kw)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen[bytes], grace: float = STOP_GRACE_S) -> int | None:
-        if proc.stdin is not None:  # our servers exit when stdin closes
-            try:
-                proc.stdin.close()
-                proc.wait(min(grace, 2.0))
-            except (OSError, subprocess.TimeoutExpired):
-                pass
-        if proc.poll() is None:
-            self._signal(proc, signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                log(f"pid {proc.pid} ignored SIGTERM for {grace}s, killing")
-                self._signal(proc, signal.SIGKILL)
-                proc.wait(grace)
-        self._signal(proc, signal.SIGKILL)  # anything left in its group
-        if proc.stdout is not None:
-            proc.stdout.close()
-        if proc in self.procs:
-            self.procs.remove(proc)
-        return proc.returncode
-
-    @staticmethod
-    def _signal(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-        try:
-            os.killpg(proc.pid, sig)  # the group this Popen created, by its id
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def stop_all(self) -> None:
-        for proc in list(self.procs):
-            try:
-                self.stop(proc, grace=2.0)
-            except Exception as e:  # keep cleaning up the rest
-                log(f"stopping pid {proc.pid}: {e}")
-
-
-def run_json(argv: list[str], timeout: float) -> dict[str, Any]:
-    """Run a client to completion (bounded) and parse its one JSON line."""
-    try:
-        cp = subprocess.run(argv, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as e:
-        raise BenchError(f"{' '.join(argv[1:3])} timed out after {timeout:.0f}s") from e
-    if cp.returncode != 0:
-        raise BenchError(f"{' '.join(argv[1:3])} failed: {cp.stderr.decode(errors='replace').strip()[-800:]}")
-    return json.loads(cp.stdout.decode().strip().splitlines()[-1])
-
-
 def wait_ready(proc: subprocess.Popen[bytes], what: str, logfile: Path, timeout: float = READY_TIMEOUT_S) -> None:
     """Read the child's stdout until its READY line (bounded)."""
     assert proc.stdout is not None
@@ -221,13 +155,6 @@ def tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` (all its threads) from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -236,38 +163,10 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "?"
-
-
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def summarize_us(samples_ns: list[int]) -> dict[str, float]:
-    """Same percentile rule as the Go side (and bench/daemon_bench.py)."""
-    s = sorted(samples_ns)
-    if not s:
-        return {"n": 0}
-
-    def pct(p: float) -> float:
-        return s[min(len(s) - 1, int(p * len(s) + 0.5))] / 1e3
-
-    return {
-        "n": len(s),
-        "min_us": s[0] / 1e3,
-        "p50_us": pct(0.50),
-        "p90_us": pct(0.90),
-        "p99_us": pct(0.99),
-        "max_us": s[-1] / 1e3,
-        "mean_us": statistics.fmean(s) / 1e3,
-    }
 
 
 def python_env(tmp: Path) -> dict[str, str]:
@@ -277,35 +176,9 @@ def python_env(tmp: Path) -> dict[str, str]:
 
 
 def build_go(tmp: Path) -> Path:
-    """``go build`` bench/ttrpc_go in GOPATH mode (Debian's /usr/share/gocode) into the temp dir."""
-    go = shutil.which("go")
-    if go is None:
-        raise BenchError("go not found: the Go ttrpc server and the load client are Go")
-    for pkg in ("github.com/containerd/ttrpc", "google.golang.org/grpc", "github.com/containerd/containerd"):
-        if not (Path(GO_SYSTEM_PATH) / "src" / pkg).is_dir():
-            raise BenchError(f"{GO_SYSTEM_PATH} has no {pkg}")
-    gopath = tmp / "gopath"
-    src = gopath / "src" / "cdtwistbench" / "ttrpcbench"
-    src.mkdir(parents=True)
-    shutil.copy(GO_SRC, src / "main.go")
-    binary = tmp / "ttrpcbench"
-    env = dict(os.environ, GO111MODULE="off", GOPATH=f"{gopath}:{GO_SYSTEM_PATH}", GOFLAGS="", CGO_ENABLED="0")
-    t0 = time.monotonic()
-    try:
-        cp = subprocess.run(
-            [go, "build", "-o", str(binary), "."],
-            cwd=src,
-            env=env,
-            capture_output=True,
-            timeout=600,
-            stdin=subprocess.DEVNULL,
-        )
-    except subprocess.TimeoutExpired as e:
-        raise BenchError("go build timed out") from e
-    if cp.returncode != 0:
-        raise BenchError("go build failed: " + cp.stderr.decode(errors="replace").strip()[-800:])
-    log(f"built bench/ttrpc_go in {time.monotonic() - t0:.1f}s")
-    return binary
+    """``go build`` bench/ttrpc_go (the Go ttrpc server and every load client) into the temp dir."""
+    needs = ("github.com/containerd/ttrpc", "google.golang.org/grpc", "github.com/containerd/containerd")
+    return go_build(tmp, GO_SRC, "ttrpcbench", needs, timeout=600)
 
 
 # --------------------------------------------------------------------------- servers
